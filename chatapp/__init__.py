@@ -1,0 +1,140 @@
+"""chatapp: a chat backend for bring-your-own OpenAI-compatible model endpoints.
+
+Imports stay inside the functions: gunicorn's master imports chatapp.logs for its log format before
+the gevent worker has patched anything, so importing this package must not pull in flask or a driver.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+
+def create_app(overrides: dict | None = None) -> Flask:
+    from flask import Flask
+
+    from config import check_config, load_config
+
+    settings = load_config()
+    settings.update(overrides or {})
+    check_config(settings)
+    app = Flask(__name__, instance_path=settings["INSTANCE_PATH"])
+    configure(app, settings)
+    register_logging(app)
+    register_extensions(app)
+    register_errors(app)
+    register_tokens(app)
+    register_request_rules(app)
+    register_dependencies(app)
+    register_blueprints(app)
+    register_cli(app)
+    return app
+
+
+def configure(app: Flask, settings: dict) -> None:
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from chatapp.api_doc import api_settings
+
+    Path(app.instance_path).mkdir(parents=True, exist_ok=True)
+    app.config.update(settings)
+    app.config.update(api_settings())
+    url = settings["SQLALCHEMY_DATABASE_URI"]
+    sqlite = url.startswith("sqlite")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings["MAX_BODY_BYTES"],
+        JSON_SORT_KEYS=False,
+        RATELIMIT_HEADERS_ENABLED=True,
+        RATELIMIT_SWALLOW_ERRORS=settings["CHATAPP_ENV"] == "production",
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, "connect_args": {"timeout": 30}} if sqlite else {
+            "pool_pre_ping": True, "pool_size": settings["DB_POOL_SIZE"],
+            "max_overflow": settings["DB_MAX_OVERFLOW"], "pool_timeout": settings["DB_POOL_TIMEOUT"],
+        },
+    )
+    app.json.sort_keys = False
+    if settings["TRUSTED_PROXIES"] > 0:
+        hops = settings["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+
+
+def register_logging(app: Flask) -> None:
+    from chatapp import logs
+
+    logs.init_app(app)  # first: every later hook and error already has its request ids
+
+
+def register_extensions(app: Flask) -> None:
+    from flask_cors import CORS
+    from sqlalchemy import event
+
+    from chatapp.extensions import api, db, limiter, migrate
+
+    db.init_app(app)
+    with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            event.listen(db.engine, "connect", _sqlite_pragmas)
+    migrate.init_app(app, db, render_as_batch=True, directory=str(Path(__file__).parent.parent / "migrations"))
+    limiter.init_app(app)
+    api.init_app(app)
+    if app.config["CORS_ORIGINS"]:
+        CORS(app, resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
+             expose_headers=["X-Request-ID", "Retry-After"], max_age=600,
+             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "traceparent", "X-Trace-ID"])
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    # WAL lets readers run beside the one writer; foreign keys make ON DELETE CASCADE / SET NULL real.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def register_errors(app: Flask) -> None:
+    from chatapp import errors
+
+    errors.init_app(app)
+
+
+def register_tokens(app: Flask) -> None:
+    from chatapp import tokens
+
+    tokens.init_app(app)
+
+
+def register_request_rules(app: Flask) -> None:
+    from chatapp.http import check_json_body, security_headers
+
+    app.before_request(check_json_body)
+    app.after_request(security_headers)
+
+
+def register_dependencies(app: Flask) -> None:
+    from chatapp.deps import build
+
+    app.extensions["chatapp"] = build(app.config)
+
+
+def register_blueprints(app: Flask) -> None:
+    from chatapp.api import chat, conversation, health, model_config, storage, user
+    from chatapp.extensions import api
+
+    api.register_blueprint(health.blp)
+    api.register_blueprint(user.blp, url_prefix="/api/v1/user")
+    api.register_blueprint(model_config.blp, url_prefix="/api/v1/model_config")
+    api.register_blueprint(conversation.blp, url_prefix="/api/v1/conversation")
+    api.register_blueprint(chat.blp, url_prefix="/api/v1/chat")
+    api.register_blueprint(storage.blp, url_prefix="/api/v1/storage")
+
+
+def register_cli(app: Flask) -> None:
+    from chatapp import cli
+
+    cli.init_app(app)
+
+
+__all__ = ["create_app"]

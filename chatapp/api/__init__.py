@@ -1,0 +1,1 @@
+"""HTTP blueprints: load input, call one service, dump output."""

@@ -1,0 +1,77 @@
+"""The one clock: everything that needs the time asks here, so tests can move it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from datetime import datetime, timezone
+
+_offset = 0.0  # seconds added by tests that travel in time
+
+
+def now() -> datetime:
+    """Aware UTC now, truncated to milliseconds (what the API shows and what lists sort by)."""
+    moment = datetime.fromtimestamp(time.time() + _offset, tz=timezone.utc)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def timestamp() -> float:
+    return time.time() + _offset
+
+
+def travel(seconds: float) -> None:
+    """Test hook: shift the clock forward (or back with a negative value)."""
+    global _offset
+    _offset += seconds
+
+
+def reset() -> None:
+    global _offset
+    _offset = 0.0
+
+
+def isoformat(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+_last_ms = 0
+_seq = 0
+
+
+def new_id() -> str:
+    """A UUIDv7 string: random enough to be opaque, time-ordered so ties sort in creation order.
+
+    Within one process the 12-bit sequence keeps ids strictly increasing even in the same millisecond,
+    which is what makes a user message sort before the assistant reply created right after it.
+    """
+    global _last_ms, _seq
+    ms = int(time.time() * 1000)
+    if ms <= _last_ms:
+        _seq += 1
+        if _seq > 0xFFF:  # sequence exhausted: borrow the next millisecond
+            _last_ms += 1
+            _seq = 0
+        ms = _last_ms
+    else:
+        _last_ms, _seq = ms, secrets.randbelow(0x200)
+    value = (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | _seq << 64 | 0b10 << 62 | secrets.randbits(62)
+    return str(uuid.UUID(int=value))
+
+
+def process_tag() -> str:
+    """Identifies this worker process in rows it owns (streaming messages): host:pid:start."""
+    return f"{os.uname().nodename}:{os.getpid()}:{_process_start()}"
+
+
+def _process_start() -> str:
+    try:
+        with open(f"/proc/{os.getpid()}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return "0"

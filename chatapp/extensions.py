@@ -1,0 +1,22 @@
+"""Unbound extension singletons; create_app() binds them to an app."""
+
+from flask_jwt_extended import JWTManager
+from flask_limiter import Limiter
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase
+
+from chatapp.api_doc import ChatApi
+from flask_limiter.util import get_remote_address
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+jwt = JWTManager()
+api = ChatApi()
+# Limits are declared on the views; remote_addr is already the client address (ProxyFix honours trusted hops).
+limiter = Limiter(key_func=get_remote_address, headers_enabled=True)

@@ -1,0 +1,1 @@
+"""Framework-free business logic: plain functions taking the session and collaborators they need."""

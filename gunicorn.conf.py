@@ -1,0 +1,35 @@
+"""gunicorn settings for chatapp: gevent workers that hold thousands of long-lived streams.
+
+Never preload: the gevent worker must monkey-patch before the app (and its database driver) is imported.
+"""
+
+from config import gunicorn_settings, load_config
+
+_settings = gunicorn_settings()
+
+bind = _settings["bind"]
+worker_class = "gevent"
+workers = _settings["workers"]
+worker_connections = _settings["worker_connections"]
+preload_app = False
+# A stream may be silent for minutes while a model thinks; the gevent worker's heartbeat is independent of
+# request length, so `timeout` only catches a blocked worker. Graceful shutdown lets streams finish or save.
+timeout = 60
+graceful_timeout = _settings["graceful_timeout"]
+keepalive = 75
+accesslog = None  # chatapp writes its own JSON access line per request
+errorlog = "-"
+_handlers = {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+                        "formatter": "json", "filters": ["request"]}}
+if load_config()["LOG_FILE"]:
+    _handlers["file"] = {"()": "chatapp.logs.file_handler", "path": load_config()["LOG_FILE"],
+                         "formatter": "json", "filters": ["request"]}
+# gunicorn's own lines (start-up, worker exits) use the same JSON format, in the same places, as the app's.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request": {"()": "chatapp.logs.RequestContextFilter"}},
+    "formatters": {"json": {"()": "chatapp.logs.RedactingJsonFormatter"}},
+    "handlers": _handlers,
+    "loggers": {"gunicorn.error": {"handlers": list(_handlers), "level": "INFO", "propagate": False}},
+}
