@@ -1,0 +1,442 @@
+"""OpenAI-compatible chat client on requests: stream_chat() yields deltas as they arrive, complete() for titles.
+
+Events of ``stream_chat`` (frozen dataclasses, match them with ``match``/``isinstance``):
+
+* ``ReasoningDelta(text)`` - a piece of ``delta.reasoning_content`` (or ``delta.reasoning``)
+* ``ContentDelta(text)`` - a piece of ``delta.content``
+* ``Finish(reason, usage)`` - the last event, exactly once, when the stream ended normally
+  (``[DONE]``, or end of body / idle timeout after a finish_reason arrived). ``reason`` is the
+  upstream's finish_reason (None if it sent ``[DONE]`` without one), ``usage`` its last usage dict.
+
+Every failure is raised as ``LLMError`` (from the first ``next()`` or mid-stream). Closing the
+generator (or killing the greenlet that reads it) closes the upstream connection at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
+
+__all__ = [
+    "Completion", "ContentDelta", "Finish", "LLMClient", "LLMError", "ReasoningDelta", "SSEDecoder", "StreamEvent",
+]
+
+READ_SIZE = 65536
+MAX_EVENT_BYTES = 8 * 1024 * 1024  # one SSE event; a body that never ends a line is not a stream
+MAX_ERROR_BODY = 16 * 1024
+MAX_COMPLETION_BODY = 4 * 1024 * 1024
+DRAIN_TIMEOUT = 0.25
+EXCERPT_CHARS = 200
+
+_STATUS_BY_CODE = {"upstream_timeout": 504, "model_url_forbidden": 422}
+_EMPTY: dict[str, Any] = {}
+
+
+class LLMError(Exception):
+    """code: upstream_error | upstream_timeout | model_url_forbidden | upstream_unauthorized |
+    upstream_rate_limited; status: what a non-streaming endpoint answers (502, 504, 422);
+    message: a safe sentence (never the API key; at most a short, scrubbed excerpt of the upstream body)."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status or _STATUS_BY_CODE.get(code, 502)
+
+    def __repr__(self) -> str:
+        return f"LLMError({self.code!r}, {self.message!r}, status={self.status})"
+
+
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str | None
+    usage: dict[str, Any] | None
+
+
+StreamEvent = ContentDelta | ReasoningDelta | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    reasoning: str | None = None
+
+
+def _malformed() -> LLMError:
+    return LLMError("upstream_error", "The model server sent a malformed chunk.")
+
+
+def _dropped() -> LLMError:
+    return LLMError(
+        "upstream_error", "The model server closed the connection before the answer was complete (connection dropped)."
+    )
+
+
+def _timed_out() -> LLMError:
+    return LLMError("upstream_timeout", "The model server did not answer in time.")
+
+
+class SSEDecoder:
+    """Incremental text/event-stream parser: ``feed(bytes)`` returns the data of each completed event.
+
+    Handles LF, CRLF and bare CR line endings (also split across reads), ``data:`` with or without the
+    space, multi-line data (joined with ``\\n``); comments, ``event:``/``id:``/``retry:`` are ignored.
+    """
+
+    __slots__ = ("_buf", "_data", "_size")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        held_cr = False
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+            if buf[-1:] == b"\r":  # maybe the first half of a \r\n that the next read completes
+                buf = buf[:-1]
+                held_cr = True
+            buf = buf.replace(b"\r", b"\n")
+        lines = buf.split(b"\n")
+        rest = lines.pop()
+        self._buf = rest + b"\r" if held_cr else rest
+        events: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data.clear()
+                    self._size = 0
+            elif line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                data.append(value)
+                self._size += len(value)
+        if self._size + len(self._buf) > MAX_EVENT_BYTES:
+            raise LLMError("upstream_error", "The model server sent an oversized chunk.")
+        return events
+
+    def close(self) -> list[bytes]:
+        """End of body: an event missing its final blank line still counts."""
+        return self.feed(b"\n\n")
+
+
+def _parse_chunk(payload: bytes, api_key: str | None) -> tuple[Any, Any, Any, Any]:
+    """(reasoning, content, finish_reason, usage) of one chunk; each None when absent or ill-typed."""
+    try:
+        obj = json.loads(payload)
+        usage = obj.get("usage")
+        choices = obj.get("choices")
+        if not choices:
+            if obj.get("error") is not None:  # some providers report failures inside a 200 stream
+                raise _body_error(0, json.dumps(obj), api_key)
+            return None, None, None, usage if type(usage) is dict else None
+        choice = choices[0]
+        delta = choice.get("delta") or choice.get("message") or _EMPTY
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        content = delta.get("content")
+        finish = choice.get("finish_reason")
+    except (ValueError, AttributeError, TypeError, KeyError, IndexError):
+        raise _malformed() from None
+    return (
+        reasoning if type(reasoning) is str else None,
+        content if type(content) is str else None,
+        finish if type(finish) is str else None,
+        usage if type(usage) is dict else None,
+    )
+
+
+def _excerpt(text: str, api_key: str | None) -> str:
+    if api_key:
+        text = text.replace(api_key, "[redacted]")  # before cutting, so no fragment of the key survives
+    text = " ".join("".join(c if c.isprintable() else " " for c in text[: EXCERPT_CHARS * 4]).split())
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+def _error_detail(text: str) -> str:
+    """error.message (OpenAI), detail (FastAPI), message or error (others) if the body is JSON."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(obj, dict):
+        error = obj.get("error")
+        if isinstance(error, dict):
+            obj = error
+        elif isinstance(error, str) and error:
+            return error
+        for key in ("message", "detail"):
+            value = obj.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return text
+
+
+def _body_error(status: int, text: str, api_key: str | None) -> LLMError:
+    if status in (401, 403):
+        code = "upstream_unauthorized"
+    elif status == 429:
+        code = "upstream_rate_limited"
+    elif status in (408, 504):
+        code = "upstream_timeout"
+    else:
+        code = "upstream_error"
+    excerpt = _excerpt(_error_detail(text), api_key)
+    head = f"The model server answered HTTP {status}" if status else "The model server reported an error"
+    return LLMError(code, f"{head}: {excerpt}" if excerpt else f"{head}.")
+
+
+def _forbidden_reason(exc: BaseException) -> str | None:
+    """The netguard's reason if OutboundURLForbidden is anywhere in exc's chain (raw or wrapped)."""
+    stack: list[Any] = [exc]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        # By name, so this module works (and is tested) without importing chatapp.netguard.
+        if any(cls.__name__ == "OutboundURLForbidden" for cls in type(current).__mro__):
+            return str(current) or "address not allowed"
+        stack.extend((current.__cause__, current.__context__, getattr(current, "reason", None), *current.args))
+    return None
+
+
+def _request_error(exc: Exception) -> LLMError | None:
+    reason = _forbidden_reason(exc)
+    if reason is not None:
+        return LLMError("model_url_forbidden", f"The model URL is not allowed: {reason}.")
+    if isinstance(exc, requests.Timeout):
+        return _timed_out()
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema):
+        return LLMError("upstream_error", "The model URL is invalid.")
+    if isinstance(exc, requests.RequestException):
+        return LLMError("upstream_error", "Could not connect to the model server.")
+    return None
+
+
+def _endpoint(base_url: str) -> str:
+    try:
+        scheme = urlsplit(base_url).scheme.lower()
+    except ValueError:
+        scheme = ""
+    if scheme not in ("http", "https"):
+        raise LLMError("model_url_forbidden", "The model URL must be an http or https URL.")
+    return base_url.rstrip("/") + "/chat/completions"
+
+
+def _read_body(resp: requests.Response, limit: int, deadline: float | None = None) -> bytes:
+    """The whole body, at most ``limit`` bytes (LLMError beyond), ending by ``deadline`` (monotonic)."""
+    raw = resp.raw
+    decode = "content-encoding" in resp.headers
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while chunk := raw.read1(READ_SIZE, decode):
+            size += len(chunk)
+            if size > limit:
+                raise LLMError("upstream_error", "The model server's answer is too large.")
+            if deadline is not None and time.monotonic() > deadline:
+                raise _timed_out()
+            parts.append(chunk)
+    except ReadTimeoutError:
+        raise _timed_out() from None
+    except (Urllib3Error, OSError):
+        raise _dropped() from None
+    return b"".join(parts)
+
+
+class LLMClient:
+    """One pooled requests.Session shared by every call (safe for many concurrent streams)."""
+
+    def __init__(
+        self,
+        session_factory: Callable[[], requests.Session] = requests.Session,
+        connect_timeout: float = 10,
+        read_timeout: float = 120,
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._session = session_factory()
+        self._session.trust_env = False  # no proxies / .netrc from the environment
+        # One session serves every user: a cookie set by one user's model server must never reach another.
+        self._session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _post(
+        self, base_url: str, api_key: str | None, body: dict[str, Any], read_timeout: float, accept: str
+    ) -> requests.Response:
+        url = _endpoint(base_url)
+        headers = {"Accept": accept, "Accept-Encoding": "identity", "Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            resp = self._session.post(
+                url, data=data, headers=headers, stream=True, allow_redirects=False,
+                timeout=(self.connect_timeout, read_timeout),
+            )
+        except Exception as exc:
+            error = _request_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+        if resp.status_code < 300:
+            return resp
+        try:
+            if resp.status_code < 400:
+                raise LLMError(
+                    "upstream_error",
+                    f"The model server answered with a redirect (HTTP {resp.status_code}), which is not followed.",
+                )
+            try:
+                text = _read_body(resp, MAX_ERROR_BODY).decode("utf-8", "replace")
+            except LLMError:
+                text = ""
+            raise _body_error(resp.status_code, text, api_key)
+        finally:
+            resp.close()
+
+    def stream_chat(
+        self,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Yield ReasoningDelta/ContentDelta as the upstream sends them, then one Finish; raise LLMError."""
+        body = {**(params or {}), "model": model, "messages": messages, "stream": True,
+                "stream_options": {"include_usage": True}}
+        resp = self._post(base_url, api_key, body, self.read_timeout, "text/event-stream")
+        try:
+            if resp.headers.get("Content-Type", "").startswith("application/json"):
+                # A server that ignores "stream": true answers one completion; relay it all at once.
+                completion = self._parse_completion(_read_body(resp, MAX_COMPLETION_BODY), api_key)
+                if completion.reasoning:
+                    yield ReasoningDelta(completion.reasoning)
+                if completion.text:
+                    yield ContentDelta(completion.text)
+                yield Finish(completion.finish_reason, completion.usage)
+                return
+            yield from self._events(resp, api_key)
+        finally:
+            resp.close()  # no-op once the connection went back to the pool; else drops it
+
+    def _events(self, resp: requests.Response, api_key: str | None) -> Iterator[StreamEvent]:
+        # urllib3's read1() returns whatever one recv() brought, for chunked and close-delimited bodies
+        # alike; iter_content/iter_lines/stream() would wait for a full buffer or the end of the body.
+        read1 = resp.raw.read1
+        decode = "content-encoding" in resp.headers
+        decoder = SSEDecoder()
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        while True:
+            try:
+                chunk = read1(READ_SIZE, decode)
+            except ReadTimeoutError:
+                if finish is not None:
+                    break
+                raise _timed_out() from None
+            except (Urllib3Error, OSError):
+                if finish is not None:
+                    break
+                raise _dropped() from None
+            for payload in (decoder.feed(chunk) if chunk else decoder.close()):
+                if payload == b"[DONE]":
+                    self._release(resp, decode)
+                    yield Finish(finish, usage)
+                    return
+                reasoning, content, chunk_finish, chunk_usage = _parse_chunk(payload, api_key)
+                if reasoning:
+                    yield ReasoningDelta(reasoning)
+                if content:
+                    yield ContentDelta(content)
+                if chunk_finish:
+                    finish = chunk_finish
+                if chunk_usage:
+                    usage = chunk_usage
+            if not chunk:
+                break
+        if finish is None:
+            raise _dropped()
+        yield Finish(finish, usage)
+
+    @staticmethod
+    def _release(resp: requests.Response, decode: bool) -> None:
+        """After [DONE], read the body's end so urllib3 pools the connection; give up quickly."""
+        raw = resp.raw
+        sock = getattr(raw.connection, "sock", None)
+        try:
+            if sock is not None:
+                sock.settimeout(DRAIN_TIMEOUT)  # urllib3 resets the timeout when it reuses the connection
+            for _ in range(16):
+                if not raw.read1(READ_SIZE, decode):
+                    return  # end of body: urllib3 has released the connection to the pool
+        except (Urllib3Error, OSError):
+            pass
+
+    def complete(
+        self,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """One non-streaming completion (titles); ``timeout`` bounds the whole answer, not just idleness."""
+        read_timeout = self.read_timeout if timeout is None else timeout
+        body = {**(params or {}), "model": model, "messages": messages, "stream": False}
+        deadline = time.monotonic() + self.connect_timeout + read_timeout
+        resp = self._post(base_url, api_key, body, read_timeout, "application/json")
+        try:
+            return self._parse_completion(_read_body(resp, MAX_COMPLETION_BODY, deadline), api_key)
+        finally:
+            resp.close()
+
+    @staticmethod
+    def _parse_completion(data: bytes, api_key: str | None) -> Completion:
+        try:
+            obj = json.loads(data)
+            if not obj.get("choices") and obj.get("error") is not None:
+                raise _body_error(0, data.decode("utf-8", "replace"), api_key)
+            choice = obj["choices"][0]
+            message = choice.get("message") or _EMPTY
+            content = message.get("content")
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            finish = choice.get("finish_reason")
+            usage = obj.get("usage")
+        except (ValueError, AttributeError, TypeError, KeyError, IndexError):
+            raise LLMError("upstream_error", "The model server sent a malformed answer.") from None
+        return Completion(
+            text=content if type(content) is str else "",
+            finish_reason=finish if type(finish) is str else None,
+            usage=usage if type(usage) is dict else None,
+            reasoning=reasoning if type(reasoning) is str else None,
+        )

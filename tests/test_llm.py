@@ -1,0 +1,487 @@
+"""chatapp.llm against a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/fake_upstream.py)."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from chatapp.llm import (
+    Completion,
+    ContentDelta,
+    Finish,
+    LLMClient,
+    LLMError,
+    ReasoningDelta,
+    SSEDecoder,
+    _parse_chunk,
+)
+from tests.fake_upstream import FakeUpstream, parse_options
+
+KEY = "sk-test-0123456789abcdefSECRET"
+MESSAGES = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hello there world"},
+]
+ECHO = "echo: hello there world"
+
+
+@pytest.fixture
+def fake():
+    with FakeUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def llm():
+    client = LLMClient(read_timeout=5)
+    yield client
+    client.close()
+
+
+def run(llm: LLMClient, fake: FakeUpstream, model: str = "fake-echo", **kw) -> list:
+    return list(llm.stream_chat(fake.base_url, kw.pop("api_key", KEY), model, kw.pop("messages", MESSAGES), **kw))
+
+
+def text_of(events: list, kind: type = ContentDelta) -> str:
+    return "".join(e.text for e in events if isinstance(e, kind))
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- happy path ---------------------------------------------------------------------------------
+
+
+def test_stream_happy_path_and_request_shape(fake, llm):
+    params = {"temperature": 0.3, "max_tokens": 50, "model": "evil", "messages": [], "stream": False,
+              "stream_options": {"include_usage": False}}
+    events = run(llm, fake, params=params)
+
+    assert text_of(events) == ECHO
+    assert len([e for e in events if isinstance(e, ContentDelta)]) == 4  # relayed piece by piece
+    assert events[-1] == Finish("stop", {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9})
+    assert sum(isinstance(e, Finish) for e in events) == 1
+
+    rec = fake.last_request
+    assert (rec.method, rec.path) == ("POST", "/v1/chat/completions")
+    assert rec.headers["authorization"] == f"Bearer {KEY}"
+    assert rec.headers["content-type"] == "application/json"
+    assert rec.headers["accept-encoding"] == "identity"
+    assert rec.body == {
+        "temperature": 0.3, "max_tokens": 50, "model": "fake-echo", "messages": MESSAGES, "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_no_authorization_header_without_key(fake, llm):
+    assert text_of(run(llm, fake, api_key=None)) == ECHO
+    assert "authorization" not in fake.last_request.headers
+
+
+def test_base_url_trailing_slash(fake, llm):
+    events = list(llm.stream_chat(fake.base_url + "/", KEY, "fake-echo", MESSAGES))
+    assert text_of(events) == ECHO
+    assert fake.last_request.path == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_comes_first(fake, llm, field):
+    fake.script(reasoning="Let me think about it.", reasoning_field=field, reply="Answer.")
+    events = run(llm, fake)
+    assert text_of(events, ReasoningDelta) == "Let me think about it."
+    assert text_of(events) == "Answer."
+    kinds = [type(e) for e in events]
+    assert kinds.index(ContentDelta) > max(i for i, k in enumerate(kinds) if k is ReasoningDelta)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"crlf": True, "comments": True, "multiline": True},
+        {"cr": True, "comments": True, "multiline": True},
+        {"comments": True},
+        {"multiline": True, "chunk_size": 1},
+    ],
+    ids=["crlf", "cr", "comments", "multiline-per-char"],
+)
+def test_sse_framing_variants(fake, llm, options):
+    fake.script(**options)
+    events = run(llm, fake)
+    assert text_of(events) == ECHO
+    assert events[-1].reason == "stop" and events[-1].usage is not None
+
+
+@pytest.mark.parametrize("close_delimited", [False, True], ids=["chunked", "close-delimited"])
+def test_transfer_modes(fake, llm, close_delimited):
+    fake.script(close_delimited=close_delimited, reply="one two three")
+    events = run(llm, fake)
+    assert text_of(events) == "one two three"
+    assert isinstance(events[-1], Finish) and events[-1].reason == "stop"
+
+
+@pytest.mark.parametrize("close_delimited", [False, True], ids=["chunked", "close-delimited"])
+def test_eof_after_finish_reason_without_done_is_a_normal_end(fake, llm, close_delimited):
+    fake.script(no_done=True, close_delimited=close_delimited)
+    events = run(llm, fake)
+    assert text_of(events) == ECHO
+    assert events[-1].reason == "stop"
+
+
+def test_done_without_finish_reason_or_usage(fake, llm):
+    fake.script(finish_reason="", no_usage=True)
+    events = run(llm, fake)
+    assert text_of(events) == ECHO
+    assert events[-1] == Finish(None, None)
+
+
+def test_finish_reason_passed_through(fake, llm):
+    fake.script(finish_reason="length")
+    assert run(llm, fake)[-1].reason == "length"
+
+
+def test_model_string_options(fake, llm):
+    events = run(llm, fake, model="fake:reply=a%3Bb c;chunks=2;crlf")
+    assert [e.text for e in events if isinstance(e, ContentDelta)] == ["a;b", " c"]
+    assert parse_options("gap=0.5;close_delimited;drop_after=0") == {"gap": 0.5, "close_delimited": True, "drop_after": 0}
+    with pytest.raises(ValueError):
+        parse_options("nonsense=1")
+
+
+# --- no buffering -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("close_delimited", [False, True], ids=["chunked", "close-delimited"])
+def test_each_delta_arrives_as_soon_as_it_is_sent(fake, llm, close_delimited):
+    fake.script(reply="alpha beta gamma delta epsilon", gap=0.2, close_delimited=close_delimited)
+    received = []
+    for event in llm.stream_chat(fake.base_url, KEY, "fake-echo", MESSAGES):
+        if isinstance(event, ContentDelta):
+            received.append((time.monotonic(), event.text))
+
+    sent = fake.last_request.sent("content")
+    assert [text for _, text in received] == [text for _, text in sent] == ["alpha ", "beta ", "gamma ", "delta ", "epsilon"]
+    for (t_recv, text), (t_sent, _) in zip(received, sent, strict=True):
+        assert t_recv - t_sent < 0.05, f"{text!r} arrived {t_recv - t_sent:.3f}s after it was sent"
+    assert received[-1][0] - received[0][0] >= 0.7  # the gaps were real, so the test means something
+
+
+# --- SSE decoder --------------------------------------------------------------------------------
+
+RAW_STREAM = (
+    b": hello\r\n"
+    b"event: message\r\n"
+    b"id: 1\r\n"
+    b"retry: 1000\r\n"
+    b'data:{"a":1}\r\n'
+    b"\r\n"
+    b"\n"
+    b'data: {"b":\n'
+    b"data: 2}\n"
+    b"\n"
+    b'data: {"c":3}\r'
+    b"\r"
+    b": keep-alive\n\n"
+    b"data: [DONE]\r\n\r\n"
+)
+
+
+def test_sse_decoder_handles_any_split():
+    expected = [b'{"a":1}', b'{"b":\n2}', b'{"c":3}', b"[DONE]"]
+    rng = random.Random(7)
+    splits = [[1] * len(RAW_STREAM)] + [[rng.randint(1, 9) for _ in range(len(RAW_STREAM))] for _ in range(50)]
+    for sizes in splits:
+        decoder, events, pos = SSEDecoder(), [], 0
+        for size in sizes:
+            if pos >= len(RAW_STREAM):
+                break
+            events += decoder.feed(RAW_STREAM[pos : pos + size])
+            pos += size
+        events += decoder.close()
+        assert events == expected, sizes
+
+
+def test_sse_decoder_flushes_last_event_at_end_of_body():
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: [DONE]") == []
+    assert decoder.close() == [b"[DONE]"]
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: x\r") == []
+    assert decoder.close() == [b"x"]
+
+
+def test_parse_chunk_tolerates_sparse_providers():
+    assert _parse_chunk(b'{"choices":[{"delta":null}]}', None) == (None, None, None, None)
+    assert _parse_chunk(b'{"choices":[]}', None) == (None, None, None, None)
+    assert _parse_chunk(b'{"id":"x","usage":null}', None) == (None, None, None, None)
+    assert _parse_chunk(b'{"choices":[{"delta":{"reasoning":"r","content":"c"},"finish_reason":"stop"}],'
+                        b'"usage":{"total_tokens":3}}', None) == ("r", "c", "stop", {"total_tokens": 3})
+    for bad in (b"[1]", b'{"choices":[1]}', b'{"choices":[{"delta":"x"}]}', b"nope"):
+        with pytest.raises(LLMError) as info:
+            _parse_chunk(bad, None)
+        assert info.value.code == "upstream_error"
+
+
+def test_error_object_inside_a_200_stream_is_scrubbed():
+    with pytest.raises(LLMError) as info:
+        _parse_chunk(b'{"error":{"message":"bad key ' + KEY.encode() + b'","code":401}}', KEY)
+    assert info.value.code == "upstream_error"
+    assert KEY not in info.value.message and "bad key [redacted]" in info.value.message
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(401, "upstream_unauthorized"), (403, "upstream_unauthorized"), (429, "upstream_rate_limited"),
+     (500, "upstream_error"), (503, "upstream_error"), (400, "upstream_error")],
+)
+def test_http_error_status(fake, llm, status, code):
+    fake.script(status=status)  # the fake's error body echoes the Authorization header
+    with pytest.raises(LLMError) as info:
+        run(llm, fake)
+    err = info.value
+    assert (err.code, err.status) == (code, 502)
+    assert str(status) in err.message and "Fake upstream error" in err.message
+    assert KEY not in err.message and KEY not in str(err) and KEY not in repr(err)
+
+
+def test_error_excerpt_is_short_and_never_holds_part_of_the_key(fake, llm):
+    # The key straddles the excerpt's cut: scrubbing must happen before truncation.
+    fake.script(status=500, error_message="x" * 190 + KEY + "\x00\n" + "y" * 5000)
+    with pytest.raises(LLMError) as info:
+        run(llm, fake)
+    message = info.value.message
+    assert len(message) < 300
+    assert all(KEY[i : i + 6] not in message for i in range(len(KEY) - 5))
+    assert "\x00" not in message and "\n" not in message
+
+
+def test_garbage_chunk_is_an_upstream_error(fake, llm):
+    fake.script(garbage=2)
+    got = []
+    with pytest.raises(LLMError) as info:
+        for event in llm.stream_chat(fake.base_url, KEY, "fake-echo", MESSAGES):
+            got.append(event)
+    assert info.value.code == "upstream_error" and "malformed" in info.value.message
+    assert text_of(got) == "echo: hello "  # what came before the garbage was relayed
+
+
+@pytest.mark.parametrize("close_delimited", [False, True], ids=["chunked", "close-delimited"])
+def test_dropped_connection(fake, llm, close_delimited):
+    fake.script(drop_after=2, close_delimited=close_delimited)
+    got = []
+    with pytest.raises(LLMError) as info:
+        for event in llm.stream_chat(fake.base_url, KEY, "fake-echo", MESSAGES):
+            got.append(event)
+    assert info.value.code == "upstream_error" and "dropped" in info.value.message
+    assert text_of(got) == "echo: hello "
+
+
+@pytest.mark.parametrize("hang_after", [0, 2])
+def test_silent_upstream_times_out(fake, hang_after):
+    client = LLMClient(read_timeout=0.5)
+    fake.script(hang_after=hang_after)
+    start = time.monotonic()
+    with pytest.raises(LLMError) as info:
+        list(client.stream_chat(fake.base_url, KEY, "fake-echo", MESSAGES))
+    assert (info.value.code, info.value.status) == ("upstream_timeout", 504)
+    assert 0.4 < time.monotonic() - start < 3
+    assert fake.wait_for_disconnect(2) is not None  # the timed-out connection was closed, not leaked
+    client.close()
+
+
+@pytest.mark.parametrize("close_delimited", [False, True], ids=["chunked", "close-delimited"])
+@pytest.mark.parametrize("mode", ["hang", "gap"])
+def test_closing_the_generator_closes_the_upstream_connection(fake, llm, mode, close_delimited):
+    if mode == "hang":
+        fake.script(hang_after=2, close_delimited=close_delimited)
+    else:
+        fake.script(gap=10, close_delimited=close_delimited)
+    stream = llm.stream_chat(fake.base_url, KEY, "fake-echo", MESSAGES)
+    assert isinstance(next(stream), ContentDelta)
+    closed_at = time.monotonic()
+    stream.close()
+    seen_at = fake.wait_for_disconnect(2)
+    assert seen_at is not None and seen_at - closed_at < 2
+    # The pool still works after a connection was torn down mid-stream.
+    fake.script()
+    assert text_of(run(llm, fake)) == ECHO
+
+
+def test_connection_is_reused_after_a_complete_stream(fake, llm):
+    run(llm, fake)
+    run(llm, fake)
+    llm.complete(fake.base_url, KEY, "fake-echo", MESSAGES)
+    first, second, third = fake.requests
+    assert first.peer == second.peer == third.peer
+
+
+def test_redirect_is_not_followed(fake, llm):
+    fake.script(redirect=fake.base_url + "/chat/completions")
+    with pytest.raises(LLMError) as info:
+        run(llm, fake)
+    assert info.value.code == "upstream_error" and "302" in info.value.message
+    assert len(fake.requests) == 1
+
+
+def test_connection_refused(llm):
+    with pytest.raises(LLMError) as info:
+        list(llm.stream_chat(f"http://127.0.0.1:{closed_port()}/v1", KEY, "m", MESSAGES))
+    assert (info.value.code, info.value.status) == ("upstream_error", 502)
+    assert KEY not in info.value.message
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/v1", "file:///etc/passwd", "127.0.0.1:8000/v1", ""])
+def test_non_http_urls_are_forbidden(llm, url):
+    with pytest.raises(LLMError) as info:
+        list(llm.stream_chat(url, KEY, "m", MESSAGES))
+    assert (info.value.code, info.value.status) == ("model_url_forbidden", 422)
+
+
+class OutboundURLForbidden(Exception):
+    """Stands in for chatapp.netguard's exception: llm.py recognises it by name."""
+
+
+class _RefusingAdapter(HTTPAdapter):
+    def __init__(self, wrap: bool) -> None:
+        super().__init__()
+        self.wrap = wrap
+
+    def send(self, request, *args, **kwargs):
+        refusal = OutboundURLForbidden("host resolves to a non-public address")
+        if self.wrap:
+            raise requests.ConnectionError(refusal)
+        raise refusal
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["raw", "wrapped"])
+def test_guard_refusal_maps_to_model_url_forbidden(fake, wrap):
+    def factory() -> requests.Session:
+        session = requests.Session()
+        session.mount("http://", _RefusingAdapter(wrap))
+        return session
+
+    client = LLMClient(session_factory=factory)
+    for call in (lambda: list(client.stream_chat(fake.base_url, KEY, "m", MESSAGES)),
+                 lambda: client.complete(fake.base_url, KEY, "m", MESSAGES)):
+        with pytest.raises(LLMError) as info:
+            call()
+        assert (info.value.code, info.value.status) == ("model_url_forbidden", 422)
+        assert "non-public" in info.value.message
+    assert fake.requests == []
+
+
+def test_with_the_real_outbound_guard(fake):
+    netguard = pytest.importorskip("chatapp.netguard")
+    refused = LLMClient(session_factory=netguard.OutboundGuard().session)
+    with pytest.raises(LLMError) as info:
+        list(refused.stream_chat(fake.base_url, KEY, "fake-echo", MESSAGES))
+    assert info.value.code == "model_url_forbidden"
+    assert fake.requests == []
+
+    allowed = LLMClient(session_factory=netguard.OutboundGuard(allowlist=["127.0.0.1"]).session)
+    fake.script(close_delimited=True, gap=0.01)
+    assert text_of(list(allowed.stream_chat(fake.base_url, KEY, "fake-echo", MESSAGES))) == ECHO
+
+
+def test_cookies_set_by_an_upstream_are_never_kept(fake, llm):
+    # One session serves every user, so a cookie would leak from one user's requests into another's.
+    fake.script(set_cookie=True)
+    run(llm, fake)
+    run(llm, fake)
+    assert "cookie" not in fake.last_request.headers
+    assert len(llm._session.cookies) == 0
+
+
+# --- complete() ---------------------------------------------------------------------------------
+
+
+def test_complete_happy(fake, llm):
+    fake.script(reasoning="hmm", reply="A short title")
+    result = llm.complete(fake.base_url, KEY, "fake-echo", MESSAGES, params={"max_tokens": 20, "stream": True})
+    assert result == Completion(
+        text="A short title", finish_reason="stop",
+        usage={"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}, reasoning="hmm",
+    )
+    body = fake.last_request.body
+    assert body == {"max_tokens": 20, "model": "fake-echo", "messages": MESSAGES, "stream": False}
+    assert fake.last_request.headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize(("status", "code"), [(500, "upstream_error"), (401, "upstream_unauthorized"),
+                                              (429, "upstream_rate_limited")])
+def test_complete_errors(fake, llm, status, code):
+    fake.script(status=status)
+    with pytest.raises(LLMError) as info:
+        llm.complete(fake.base_url, KEY, "fake-echo", MESSAGES)
+    assert (info.value.code, info.value.status) == (code, 502)
+    assert KEY not in info.value.message
+
+
+def test_complete_timeout_overrides_read_timeout(fake, llm):
+    fake.script(hang_after=0)
+    start = time.monotonic()
+    with pytest.raises(LLMError) as info:
+        llm.complete(fake.base_url, KEY, "fake-echo", MESSAGES, timeout=0.3)
+    assert (info.value.code, info.value.status) == ("upstream_timeout", 504)
+    assert time.monotonic() - start < 2  # llm's own read_timeout is 5 s
+
+
+def test_complete_malformed_and_refused(fake, llm):
+    with pytest.raises(LLMError) as info:
+        llm.complete(f"http://127.0.0.1:{closed_port()}/v1", KEY, "m", MESSAGES)
+    assert info.value.code == "upstream_error"
+    fake.script(redirect="http://127.0.0.1:1/")
+    with pytest.raises(LLMError) as info:
+        llm.complete(fake.base_url, KEY, "m", MESSAGES)
+    assert info.value.code == "upstream_error"
+
+
+# --- the fake itself ----------------------------------------------------------------------------
+
+
+def test_fake_stop_is_prompt_while_a_request_hangs(llm):
+    server = FakeUpstream(hang_after=0).start()
+    stopper = threading.Timer(0.3, server.stop)
+    start = time.monotonic()
+    stopper.start()
+    with pytest.raises(LLMError) as info:  # stop() ends the hanging response: the client sees a drop
+        list(llm.stream_chat(server.base_url, KEY, "fake-echo", MESSAGES))
+    stopper.join()
+    assert info.value.code == "upstream_error"
+    assert time.monotonic() - start < 2
+
+
+def test_fake_models_endpoint_and_bad_model_options(fake):
+    assert requests.get(fake.base_url + "/models", timeout=5).json()["data"][0]["id"] == "fake-echo"
+    answer = requests.post(fake.base_url + "/chat/completions", json={"model": "fake:bogus=1", "messages": []},
+                           timeout=5)
+    assert answer.status_code == 400 and "bogus" in answer.json()["error"]["message"]
+
+
+def test_fake_runs_as_a_process():
+    script = Path(__file__).with_name("fake_upstream.py")
+    proc = subprocess.Popen([sys.executable, str(script), "--port", "0", "--options", "reply=hi"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[0] == "READY" and line[1].startswith("http://127.0.0.1:")
+        client = LLMClient()
+        assert text_of(list(client.stream_chat(line[1], None, "fake-echo", MESSAGES))) == "hi"
+        assert text_of(list(client.stream_chat(line[1], None, "fake:reply=yo", MESSAGES))) == "yo"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=5) is not None
