@@ -1,3 +1,76 @@
-from flask_smorest import Blueprint
+"""The local backend's signed URLs: PUT and GET /api/v1/storage/<key> (no token: the signature is the grant)."""
 
-blp = Blueprint("storage", __name__)
+from __future__ import annotations
+
+from flask import Response, current_app, request
+from flask_smorest import Blueprint
+from werkzeug.wsgi import wrap_file
+
+from chatapp.deps import deps
+from chatapp.errors import ApiError, NotFound
+from chatapp.storage import (
+    InvalidKey,
+    InvalidSignature,
+    LocalStorage,
+    NotAnImage,
+    ObjectNotFound,
+    StorageFull,
+    TooLarge,
+)
+
+blp = Blueprint("storage", __name__, description="Embedded image store (local backend only)")
+
+
+def _local() -> LocalStorage:
+    backend = deps().storage
+    if not isinstance(backend, LocalStorage):
+        raise NotFound.of("object")
+    return backend
+
+
+def _grant(backend: LocalStorage, key: str):
+    try:
+        return backend.verify(request.method, key, request.args, content_type=request.headers.get("Content-Type"))
+    except InvalidSignature as error:
+        status = 405 if error.code == "method_not_allowed" else 403
+        raise ApiError(error.code, f"This storage URL is not valid: {error}.", status=status) from None
+    except InvalidKey:
+        raise NotFound.of("object") from None
+
+
+@blp.route("/<path:key>", methods=["PUT"])
+@blp.doc(responses={200: {"description": "stored"}, 403: {"description": "signature_invalid / url_expired"},
+                    413: {"description": "payload_too_large"}, 415: {"description": "not_an_image"}})
+def upload(key):
+    """Upload an image with the exact URL and headers `get_upload_presigned_url` gave."""
+    backend = _local()
+    grant = _grant(backend, key)
+    request.max_content_length = grant.max_bytes  # the signed size, instead of the JSON body limit
+    try:
+        size = backend.save(key, request.stream, grant.content_type, grant.max_bytes)
+    except TooLarge:
+        raise ApiError("payload_too_large", f"The image is larger than {grant.max_bytes} bytes.", status=413) from None
+    except NotAnImage:
+        raise ApiError("not_an_image", f"The body is not a {grant.content_type} image.", status=415) from None
+    except StorageFull:
+        raise ApiError("storage_full", "The image store is full; try again later.", status=507) from None
+    except InvalidKey:
+        raise NotFound.of("object") from None
+    return {"key": key, "size": size}
+
+
+@blp.route("/<path:key>", methods=["GET"])
+@blp.doc(responses={200: {"description": "the image"}, 403: {"description": "signature_invalid / url_expired"}})
+def download(key):
+    """Download an image with a URL from history (or given to the model)."""
+    backend = _local()
+    _grant(backend, key)
+    try:
+        handle, size, content_type = backend.open(key)
+    except (ObjectNotFound, InvalidKey):
+        raise NotFound.of("object") from None
+    response = Response(wrap_file(request.environ, handle), mimetype=content_type, direct_passthrough=True)
+    response.content_length = size
+    response.headers["Cache-Control"] = f"private, max-age={min(3600, current_app.config['DOWNLOAD_URL_SECONDS'])}"
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response

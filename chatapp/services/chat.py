@@ -1,0 +1,322 @@
+"""Chat: history, and `send`, which stores the turn and relays the model's reply as SSE events.
+
+The relay never holds a database connection while it waits on the model: the user message and an
+empty assistant message (status `streaming`) are committed before the model is called, and one
+UPDATE at the end stores what arrived, on every way out (done, upstream error, client gone,
+worker shutting down). A unique partial index allows one `streaming` row per conversation, so a
+second send is refused (409) by the database itself, across all workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import gevent
+from gevent.queue import Empty, Queue
+from sqlalchemy import and_, or_, update
+from sqlalchemy import select as select_rows
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from chatapp import clock, logs, sse
+from chatapp.errors import Conflict, NotFound
+from chatapp.llm import ContentDelta, Finish, LLMClient, LLMError, ReasoningDelta
+from chatapp.models import Conversation, Message
+from chatapp.services import content as contents
+from chatapp.services.model_configs import ModelSource
+from chatapp.storage import Storage
+
+log = logging.getLogger(__name__)
+STALE_GRACE_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class ChatLimits:
+    context_messages: int
+    context_chars: int
+    message_chars: int
+    message_images: int
+    check_exists: bool
+    download_seconds: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> ChatLimits:
+        return cls(config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"], config["MESSAGE_MAX_CHARS"],
+                   config["MESSAGE_MAX_IMAGES"], config["STORAGE_CHECK_EXISTS"], config["DOWNLOAD_URL_SECONDS"])
+
+
+# ------------------------------------------------------------------ history
+
+
+def history(session: Session, storage: Storage, conversation: Conversation, *, limit: int,
+            before: str | None, download_seconds: int) -> dict:
+    """The newest `limit` messages before `before`, oldest first, images as fresh download URLs."""
+    query = select_rows(Message).where(Message.conversation_id == conversation.id)
+    if before:
+        anchor = session.get(Message, before)
+        if anchor is None or anchor.conversation_id != conversation.id:
+            raise NotFound.of("message")
+        query = query.where(or_(Message.created_at < anchor.created_at,
+                                and_(Message.created_at == anchor.created_at, Message.id < anchor.id)))
+    rows = list(session.scalars(query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit + 1)))
+    presign = _presigner(storage, download_seconds)
+    items = [message_view(message, presign) for message in reversed(rows[:limit])]
+    return {"items": items, "has_more": len(rows) > limit}
+
+
+def message_view(message: Message, presign: Callable[[str], str]) -> dict:
+    return {
+        "id": message.id, "role": message.role, "content": contents.to_urls(message.content, presign),
+        "status": message.status, "model": message.model, "finish_reason": message.finish_reason,
+        "usage": message.usage, "reasoning_content": message.reasoning_content, "created_at": message.created_at,
+    }
+
+
+def _presigner(storage: Storage, seconds: int) -> Callable[[str], str]:
+    return lambda key: storage.presign_download(key, expires_in=seconds)
+
+
+# ------------------------------------------------------------------ send: before the stream
+
+
+@dataclass
+class PreparedTurn:
+    conversation_id: str
+    user_message_id: str
+    assistant_message_id: str
+    source: ModelSource
+    model_messages: list[dict] = field(repr=False)
+
+
+def prepare_turn(session: Session, storage: Storage, *, conversation: Conversation, source: ModelSource,
+                 data: dict, limits: ChatLimits) -> PreparedTurn:
+    """Everything that can fail as a JSON error happens here, then the turn is committed."""
+    new_message = data["message"] if "message" in data else data["messages"][-1]
+    sent_context = [] if "message" in data else data["messages"][:-1]
+
+    def stored_form(content):
+        contents.check_limits(content, max_chars=limits.message_chars, max_images=limits.message_images)
+        return contents.to_keys(content, storage, user_id=conversation.user_id, conversation_id=conversation.id,
+                                check_exists=limits.check_exists)
+
+    user_content = stored_form(new_message["content"])
+    context = ([{"role": item.get("role", "user"), "content": stored_form(item["content"])} for item in sent_context]
+               if "messages" in data else _stored_context(session, conversation.id, limits))
+
+    user_message = Message(id=clock.new_id(), conversation_id=conversation.id, role="user", content=user_content,
+                           status="completed")
+    assistant_message = Message(id=clock.new_id(), conversation_id=conversation.id, role="assistant", content="",
+                                status="streaming", model=source.model, worker=clock.process_tag())
+    _insert_turn(session, conversation, user_message, assistant_message)
+
+    presign = _presigner(storage, limits.download_seconds)
+    model_messages = [{"role": item["role"], "content": contents.to_urls(item["content"], presign)}
+                      for item in [*context, {"role": "user", "content": user_content}]]
+    return PreparedTurn(conversation.id, user_message.id, assistant_message.id, source, model_messages)
+
+
+def _stored_context(session: Session, conversation_id: str, limits: ChatLimits) -> list[dict]:
+    """The newest stored messages that fit the budget, oldest first; failed and empty replies left out."""
+    rows = session.execute(
+        select_rows(Message.role, Message.content)
+        .where(Message.conversation_id == conversation_id, Message.status.in_(("completed", "incomplete")))
+        .order_by(Message.created_at.desc(), Message.id.desc()).limit(limits.context_messages)).all()
+    context, budget = [], limits.context_chars
+    for role, content in rows:
+        budget -= contents.text_length(content)
+        if budget < 0:
+            break
+        if content:
+            context.append({"role": role, "content": content})
+    return context[::-1]
+
+
+def _insert_turn(session: Session, conversation: Conversation, *messages: Message) -> None:
+    for attempt in range(2):
+        session.add_all(messages)
+        conversation.updated_at = clock.now()
+        try:
+            session.commit()
+            return
+        except IntegrityError:
+            session.rollback()
+            # Another reply is streaming here, unless its worker died: then free the conversation once.
+            if attempt or not reap_stale_streams(session, conversation_id=conversation.id):
+                raise Conflict("conversation_busy", "A reply is still streaming in this conversation.") from None
+            session.commit()
+
+
+# ------------------------------------------------------------------ send: the stream
+
+
+@dataclass
+class Outcome:
+    """What the stream collected; saved on every way out."""
+
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    status: str = "incomplete"
+    finish_reason: str | None = "cancelled"
+    usage: dict | None = None
+    error: LLMError | None = None
+
+
+_END = object()
+_CLIENT_GONE = object()
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    ping_seconds: float
+    max_seconds: float
+
+    @classmethod
+    def from_config(cls, config: dict) -> RelaySettings:
+        return cls(config["SSE_PING_SECONDS"], config["STREAM_MAX_SECONDS"])
+
+
+def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session], settings: RelaySettings,
+          client_socket: socket.socket | None = None) -> Iterator[bytes]:
+    """The SSE byte stream for one turn. Closing it (the client left) stops the upstream at once."""
+    ids = {"conversation_id": turn.conversation_id, "user_message_id": turn.user_message_id,
+           "assistant_message_id": turn.assistant_message_id}
+    outcome = Outcome()
+    inbox: Queue = Queue()
+    reader = logs.spawn(_read_upstream, llm, turn, inbox)
+    watcher = logs.spawn(_watch_client, client_socket, inbox) if client_socket is not None else None
+    deadline = time.monotonic() + settings.max_seconds
+    client_present = True
+    try:
+        yield sse.event("message.created", ids)
+        while True:
+            try:
+                item = inbox.get(timeout=min(settings.ping_seconds, max(0.0, deadline - time.monotonic())))
+            except Empty:
+                if time.monotonic() >= deadline:
+                    outcome.error = LLMError("stream_timeout", "The reply took longer than the server allows.")
+                    break
+                yield sse.PING
+                continue
+            if type(item) is ContentDelta:
+                outcome.content.append(item.text)
+                yield sse.event("content.delta", {"delta": item.text})
+            elif type(item) is ReasoningDelta:
+                outcome.reasoning.append(item.text)
+                yield sse.event("reasoning.delta", {"delta": item.text})
+            elif type(item) is Finish:
+                outcome.status, outcome.finish_reason, outcome.usage = "completed", item.reason or "stop", item.usage
+            elif isinstance(item, LLMError):
+                outcome.error = item
+                break
+            elif item is _END:
+                break
+            elif item is _CLIENT_GONE:
+                client_present = False
+                break
+        if outcome.error is not None:
+            outcome.status, outcome.finish_reason = "failed", "error"
+            yield sse.event("error", {"code": outcome.error.code, "message": outcome.error.message})
+    except GeneratorExit:
+        client_present = False  # gunicorn closes us when a write fails: the client has gone
+        raise
+    finally:
+        # Stop reading first, so what is saved is final and the upstream sees the disconnect now.
+        reader.kill(block=False)
+        if watcher is not None:
+            watcher.kill(block=False)
+        if client_present is False and outcome.status != "completed":
+            outcome.status, outcome.finish_reason = "incomplete", "cancelled"
+        _save(open_session, turn, outcome)
+    if client_present:
+        yield sse.event("message.completed", {**ids, "status": outcome.status,
+                                              "finish_reason": outcome.finish_reason, "usage": outcome.usage})
+
+
+def _read_upstream(llm: LLMClient, turn: PreparedTurn, inbox: Queue) -> None:
+    source = turn.source
+    try:
+        for stream_event in llm.stream_chat(source.base_url, source.api_key, source.model, turn.model_messages,
+                                            source.params):
+            inbox.put(stream_event)
+        inbox.put(_END)
+    except LLMError as error:
+        inbox.put(error)
+    except Exception:  # a bug here must still end the stream cleanly
+        log.exception("upstream reader failed")
+        inbox.put(LLMError("upstream_error", "The reply could not be read."))
+
+
+def _watch_client(client_socket: socket.socket, inbox: Queue) -> None:
+    """Notice a client that hung up while the model is silent (otherwise only the next write would)."""
+    try:
+        fileno = client_socket.fileno()
+        gevent.socket.wait_read(fileno)
+        ready, _, _ = select.select([fileno], [], [], 0)
+        if ready and client_socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+            inbox.put(_CLIENT_GONE)
+    except OSError:
+        inbox.put(_CLIENT_GONE)
+
+
+def _save(open_session: Callable[[], Session], turn: PreparedTurn, outcome: Outcome) -> None:
+    values = {
+        "content": "".join(outcome.content), "reasoning_content": "".join(outcome.reasoning) or None,
+        "status": outcome.status, "finish_reason": outcome.finish_reason, "usage": outcome.usage,
+        "error_code": outcome.error.code if outcome.error else None, "worker": None, "updated_at": clock.now(),
+    }
+    session = open_session()
+    try:
+        session.execute(update(Message).where(Message.id == turn.assistant_message_id).values(**values))
+        session.execute(update(Conversation).where(Conversation.id == turn.conversation_id)
+                        .values(updated_at=values["updated_at"]))
+        session.commit()
+    except Exception:
+        # The stream still ends properly; the row stays `streaming` and the reaper marks it incomplete.
+        session.rollback()
+        log.exception("could not store the reply %s", turn.assistant_message_id)
+        return
+    finally:
+        session.close()
+    log.info("reply stored", extra={"assistant_message_id": turn.assistant_message_id, "status": outcome.status,
+                                    "finish_reason": outcome.finish_reason, "chars": len(values["content"])})
+
+
+# ------------------------------------------------------------------ the reaper
+
+
+def _worker_alive(tag: str | None) -> bool:
+    """A streaming row names its worker as host:pid:start; on this host we can tell if it still runs."""
+    if not tag:
+        return False
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != os.uname().nodename:
+        return True  # another machine's worker: only age can condemn it
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19] == started
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def reap_stale_streams(session: Session, *, conversation_id: str | None = None,
+                       max_age_seconds: float | None = None) -> int:
+    """Mark `streaming` rows whose worker is gone (or older than the stream limit) as incomplete."""
+    query = select_rows(Message.id, Message.worker, Message.created_at).where(Message.status == "streaming")
+    if conversation_id:
+        query = query.where(Message.conversation_id == conversation_id)
+    cutoff = clock.now() - timedelta(seconds=max_age_seconds) if max_age_seconds is not None else None
+    stale = [row.id for row in session.execute(query)
+             if not _worker_alive(row.worker) or (cutoff is not None and row.created_at < cutoff)]
+    if stale:
+        session.execute(update(Message).where(Message.id.in_(stale), Message.status == "streaming").values(
+            status="incomplete", finish_reason="cancelled", worker=None, updated_at=clock.now()))
+        log.warning("marked %d stale streams incomplete", len(stale))
+    return len(stale)
