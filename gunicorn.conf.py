@@ -21,9 +21,13 @@ accesslog = None  # chatapp writes its own JSON access line per request
 errorlog = "-"
 _handlers = {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
                         "formatter": "json", "filters": ["request"]}}
-if load_config()["LOG_FILE"]:
-    _handlers["file"] = {"()": "chatapp.logs.file_handler", "path": load_config()["LOG_FILE"],
-                         "formatter": "json", "filters": ["request"]}
+_log_file = load_config()["LOG_FILE"]
+if _log_file:
+    # The master's few lines go through a stdlib handler that follows the workers' rotation (it reopens
+    # the file when its inode changes); concurrent-log-handler would import portalocker -> redis -> ssl
+    # here, before the gevent workers patch them, which breaks TLS to upstreams in subtle ways.
+    _handlers["file"] = {"class": "logging.handlers.WatchedFileHandler", "filename": _log_file,
+                         "encoding": "utf-8", "formatter": "json", "filters": ["request"]}
 # gunicorn's own lines (start-up, worker exits) use the same JSON format, in the same places, as the app's.
 logconfig_dict = {
     "version": 1,
@@ -32,4 +36,7 @@ logconfig_dict = {
     "formatters": {"json": {"()": "chatapp.logs.RedactingJsonFormatter"}},
     "handlers": _handlers,
     "loggers": {"gunicorn.error": {"handlers": list(_handlers), "level": "INFO", "propagate": False}},
+    # gunicorn merges this over its defaults, whose root names a "console" handler we replaced; the app
+    # gives the root its own JSON handlers in each worker, so here it gets none (no doubled lines).
+    "root": {"level": "INFO", "handlers": []},
 }

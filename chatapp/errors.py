@@ -133,9 +133,14 @@ def handle_api_error(error: ApiError):
     return error_response(error.status, error.code, error.message, error.details, error.headers)
 
 
+# What a driver says when the database cannot be reached (PostgreSQL) or opened / is busy for too long (SQLite).
+_OUTAGE_WORDS = ("connect", "unable to open database", "database is locked")
+
+
 def handle_database_error(error: DBAPIError):
     # A lost connection is an outage, not a bug: answer 503 so clients retry; the pool pre-pings and recovers.
-    if error.connection_invalidated or "connect" in str(error.orig).lower():
+    reason = str(error.orig).lower()
+    if error.connection_invalidated or any(word in reason for word in _OUTAGE_WORDS):
         log.warning("database unavailable: %s", type(error.orig).__name__)
         return error_response(503, "database_unavailable", "The database is unavailable; try again shortly.")
     return handle_unexpected(error)

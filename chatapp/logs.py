@@ -15,6 +15,8 @@ import re
 import sys
 import time
 import uuid
+from datetime import date, datetime, timezone
+from datetime import time as time_of_day
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -31,13 +33,29 @@ _SECRETS = [
     (re.compile(r"\b(sk|rk|pk|ak)-[A-Za-z0-9_\-]{6,}"), "[redacted-key]"),
     (re.compile(r"(?i)([\"']?(?:password|new_password|current_password|api_key|secret|token|authorization)"
                 r"[\"']?\s*[:=]\s*)(\"[^\"]*\"|'[^']*'|[^\s,}&]+)"), r"\1[redacted]"),
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+@"), r"\1[redacted]@"),  # user:pass@ in URLs
 ]
+# Structured fields (extra={...}, dict messages) whose name says the value is a secret.
+_SECRET_KEY = re.compile(r"(?i)password|api_?key|secret|token|authorization")
+_PLAIN = (int, float, bool, type(None), datetime, date, time_of_day)
 
 
 def redact(text: str) -> str:
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _redact_value(value, key: str = ""):
+    if key and _SECRET_KEY.search(key) and value is not None:
+        return "[redacted]"
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {name: _redact_value(item, str(name)) for name, item in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_redact_value(item) for item in value]
+    return value if isinstance(value, _PLAIN) else redact(str(value))
 
 
 def current(field: str):
@@ -65,12 +83,13 @@ class RedactingJsonFormatter(JsonFormatter):
         kwargs.setdefault("json_ensure_ascii", False)
         super().__init__(*args, **kwargs)
 
-    def formatTime(self, record, datefmt=None):  # noqa: N802 - logging's name
-        from datetime import datetime, timezone
+    def formatTime(self, record, datefmt=None):  # logging's method name
         return clock.isoformat(datetime.fromtimestamp(record.created, tz=timezone.utc))
 
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+    def process_log_record(self, log_data: dict) -> dict:
+        # Field by field, before serialising: masking the finished JSON text missed secrets inside escaped
+        # quotes (a logged JSON body) and could eat a closing quote, leaving a line that is not JSON.
+        return {name: _redact_value(value, name) for name, value in log_data.items()}
 
 
 _HANDLER_MARK = "_chatapp_handler"
@@ -98,8 +117,10 @@ def configure(level: str = "INFO", log_file: str | None = None) -> None:
         handler.setFormatter(RedactingJsonFormatter())
         root.addHandler(handler)
     root.setLevel(level)
-    # Werkzeug's own access lines would duplicate ours (and are not JSON).
+    # Werkzeug's own access lines would duplicate ours (and are not JSON); alembic announces its plugins at
+    # import in every worker, which says nothing to an operator.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def spawn(function, *args, **kwargs):
@@ -142,7 +163,20 @@ def _finish_request(response):
     return response
 
 
+class _ForgetRequestFields:
+    """WSGI middleware: a request's fields live until its response (a stream included) is closed."""
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ, start_response):
+        from werkzeug.wsgi import ClosingIterator
+
+        return ClosingIterator(self.wsgi_app(environ, start_response), [lambda: bind(None)])
+
+
 def init_app(app) -> None:
     configure(app.config["LOG_LEVEL"], app.config.get("LOG_FILE"))
     app.before_request(_start_request)
     app.after_request(_finish_request)
+    app.wsgi_app = _ForgetRequestFields(app.wsgi_app)

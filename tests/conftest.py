@@ -89,9 +89,15 @@ def settings(tmp_path, log_file, _schema_template) -> dict:
     return base_settings(tmp_path, log_file, f"sqlite:///{database}")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "app_settings(**overrides): config overrides for the `app` fixture")
+
+
 @pytest.fixture
-def app(settings):
-    application = create_app(settings)
+def app(settings, request):
+    # `@pytest.mark.app_settings(RATELIMIT_LOGIN="3 per minute")` builds this test's app with overrides.
+    marker = request.node.get_closest_marker("app_settings")
+    application = create_app({**settings, **(marker.kwargs if marker else {})})
     yield application
     clock.reset()
     with application.app_context():
@@ -222,8 +228,11 @@ class LiveServer:
         return self.log_path.read_text(encoding="utf-8").splitlines() if self.log_path.exists() else []
 
 
-def start_live_server(tmp: Path, extra_env: dict | None = None, workers: int = 1) -> LiveServer:
-    port = free_port()
+def start_live_server(tmp: Path, extra_env: dict | None = None, workers: int = 1,
+                      app_module: str = "wsgi:app", port: int | None = None) -> LiveServer:
+    """gunicorn + gevent with gunicorn.conf.py on a free port; `app_module` lets a test serve a test-only app."""
+    # `port`: a caller that must know the URL beforehand (e.g. for CHATAPP_PUBLIC_BASE_URL) picks it with free_port()
+    port = port or free_port()
     database_url = PG_URL or f"sqlite:///{tmp / 'live.sqlite3'}"
     log_path = tmp / "live.log"
     env = {
@@ -241,22 +250,28 @@ def start_live_server(tmp: Path, extra_env: dict | None = None, workers: int = 1
     }
     if not PG_URL:
         _migrate(database_url)
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stderr_path = tmp / "gunicorn.stderr"
+    # No control socket: its default path is per user, so parallel servers would fight over it.
+    with open(stderr_path, "ab") as stderr:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "--no-control-socket",
+             app_module],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return LiveServer(url, process, log_path, env)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a booting worker may accept but not answer yet
             pass
         if process.poll() is not None:
             break
         time.sleep(0.1)
     process.kill()
-    raise RuntimeError(f"gunicorn did not start; log:\n{log_path.read_text() if log_path.exists() else ''}")
+    process.wait(timeout=5)
+    raise RuntimeError(f"gunicorn did not start; log:\n{log_path.read_text() if log_path.exists() else ''}"
+                       f"\nstderr:\n{stderr_path.read_text(errors='replace')[-4000:]}")
 
 
 def stop_live_server(server: LiveServer) -> None:
