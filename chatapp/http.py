@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from chatapp.errors import ApiError
 
@@ -17,11 +18,43 @@ def check_json_body():
         return
     if not request.is_json:
         raise ApiError("unsupported_media_type", "Send the body as application/json.", status=415)
-    body = request.get_json(silent=True)  # reads at most MAX_CONTENT_LENGTH bytes: larger is 413 here
-    if body is None and request.get_data(cache=True):
+    try:
+        body = request.get_json(silent=True)  # reads at most MAX_CONTENT_LENGTH bytes: larger is 413 here
+    except RecursionError:
+        raise ApiError("malformed_json", "The body is nested too deeply.", status=400) from None
+    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit and len(raw) >= limit:
+        # A chunked body has no length to refuse up front, and werkzeug's stream stops quietly at the
+        # limit: a body that filled it was cut short, so it is too large, not malformed.
+        raise RequestEntityTooLarge()
+    if body is None and raw and raw.strip() != b"null":
         raise ApiError("malformed_json", "The body is not valid JSON.", status=400)
-    if body is not None and not isinstance(body, dict):
-        raise ApiError("body_not_object", "The body must be a JSON object.", status=400)
+    if not isinstance(body, dict):
+        if raw:  # a list, a number, a string or null
+            raise ApiError("body_not_object", "The body must be a JSON object.", status=400)
+        return
+    for field, value in body.items():
+        if not (_storable(field) and _storable(value)):
+            raise ApiError("validation_error", "Some fields are invalid.", status=422, details={
+                field if _storable(field) else "_schema": ["Text may not contain NUL or unpaired surrogates."]})
+
+
+def _storable(value) -> bool:
+    """NUL and unpaired surrogates are valid JSON escapes but not storable text (PostgreSQL refuses them)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_storable(key) and _storable(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    return True
 
 
 def security_headers(response):

@@ -11,8 +11,13 @@ from chatapp.clock import isoformat
 # ---------------------------------------------------------------- fields
 
 
+# Bidi overrides and isolates can make a name display as something else ("Trojan Source"); other format
+# characters (ZWJ/ZWNJ in emoji and Indic/Persian text, emoji tag sequences) are legitimate.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _has_control(value: str) -> bool:
-    return any(unicodedata.category(char) in {"Cc", "Cf", "Cs", "Co"} and char not in "\u200d" for char in value)
+    return any(unicodedata.category(char) in {"Cc", "Cs"} or char in _BIDI_CONTROLS for char in value)
 
 
 class Text(fields.String):
