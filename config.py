@@ -96,9 +96,11 @@ def load_config(env=None) -> dict:
         # Rate limits (flask-limiter notation)
         "RATELIMIT_ENABLED": _bool(env, "RATELIMIT_ENABLED", True),
         "RATELIMIT_STORAGE_URI": _env(env, "RATELIMIT_STORAGE_URI", "memory://"),
+        "RATELIMIT_KEY_PREFIX": _env(env, "RATELIMIT_KEY_PREFIX", "chatapp"),  # deployments sharing one Redis
         "RATELIMIT_REGISTER": _env(env, "RATELIMIT_REGISTER", "10 per minute"),
         "RATELIMIT_LOGIN": _env(env, "RATELIMIT_LOGIN", "10 per minute"),
         "RATELIMIT_LOGIN_FAILURES": _env(env, "RATELIMIT_LOGIN_FAILURES", "5 per 15 minutes"),
+        "RATELIMIT_PASSWORD_FAILURES": _env(env, "RATELIMIT_PASSWORD_FAILURES", "5 per 15 minutes"),
         # HTTP edge
         "CORS_ORIGINS": _list(env, "CORS_ORIGINS"),
         "TRUSTED_PROXIES": _int(env, "TRUSTED_PROXIES", 0),

@@ -56,16 +56,22 @@ def open_session(user: User) -> AuthSession:
 
 
 def rotate(session: AuthSession, spent_jti: str) -> bool:
-    """Move the session to a new refresh jti, atomically: only one of two racing refreshes wins."""
+    """Move the session to a new refresh jti, atomically: only one of two racing refreshes wins.
+
+    The session's expiry slides with it: the new refresh token says `refresh_expires_in` from now, and the
+    session must not end before the token it just issued.
+    """
+    now = clock.now()
     result = db.session.execute(
         update(AuthSession)
         .where(AuthSession.id == session.id, AuthSession.refresh_jti == spent_jti, AuthSession.revoked_at.is_(None))
-        .values(refresh_jti=new_id(), refreshed_at=clock.now())
-        .returning(AuthSession.refresh_jti)
+        .values(refresh_jti=new_id(), refreshed_at=now,
+                expires_at=now + timedelta(seconds=current_app.config["JWT_REFRESH_SECONDS"]))
+        .returning(AuthSession.refresh_jti, AuthSession.expires_at)
     ).first()
     if result is None:
         return False
-    session.refresh_jti = result[0]
+    session.refresh_jti, session.expires_at = result
     return True
 
 
@@ -80,7 +86,9 @@ def current_session() -> AuthSession:
 
 
 def _load_session(payload: dict) -> AuthSession | None:
-    session = db.session.get(AuthSession, payload.get("sid"))
+    sid = payload.get("sid")
+    # Only our own key signs tokens, but a claim of the wrong shape must still mean "no session", not a 500.
+    session = db.session.get(AuthSession, sid) if isinstance(sid, str) else None
     g.auth_session = session
     return session
 

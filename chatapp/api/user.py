@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from flask import current_app, request
-from flask_jwt_extended import current_user, get_jwt, jwt_required
+from flask_jwt_extended import current_user, decode_token, get_jwt, jwt_required
 from flask_smorest import Blueprint
 
 from chatapp import tokens
 from chatapp.errors import Unauthorized
 from chatapp.extensions import db, limiter
-from chatapp.schemas import (EmailIn, LoginIn, PasswordChangeIn, RegisterIn, TokenPairOut, UserOut,
-                             UsernameIn)
+from chatapp.schemas import EmailIn, LoginIn, PasswordChangeIn, RegisterIn, TokenPairOut, UsernameIn, UserOut
 from chatapp.services import users
 
 blp = Blueprint("user", __name__, description="Accounts and tokens")
@@ -106,11 +105,23 @@ def change_email(data):
     return user
 
 
+def _token_subject() -> str:
+    """Key for password guesses: the token's user (signature checked, so nobody can spend another's quota)."""
+    token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    try:
+        return "password-user:" + decode_token(token)["sub"]
+    except Exception:  # noqa: BLE001 - any bad token: the view answers 401 anyway
+        return "password-user:invalid"
+
+
 @blp.post("/me/password")
+@limiter.limit(lambda: current_app.config["RATELIMIT_PASSWORD_FAILURES"], key_func=_token_subject,
+               deduct_when=lambda response: response.status_code == 403)
 @jwt_required(refresh=True)
 @blp.arguments(PasswordChangeIn)
 @blp.response(200, TokenPairOut)
 @blp.alt_response(403, description="wrong_password")
+@blp.alt_response(429, description="rate_limited (wrong current passwords)")
 @blp.doc(security=REFRESH)
 def change_password(data):
     """Change the password (refresh token): every session ends and a new pair is returned."""

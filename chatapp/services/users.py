@@ -11,14 +11,16 @@ from chatapp.errors import Conflict, Forbidden, Unauthorized, Unprocessable
 from chatapp.models import AuthSession, User
 
 
-def check_new_password(password: str) -> None:
+def check_new_password(password: str, field: str = "password") -> None:
+    """`field` is the request's name for it, so `details` points the client at the right input."""
     if not passwords.MIN_LENGTH <= len(password) <= passwords.MAX_LENGTH:
-        raise Unprocessable("weak_password", f"The password must be {passwords.MIN_LENGTH} to "
-                                             f"{passwords.MAX_LENGTH} characters long.",
-                            details={"password": ["Length must be between 8 and 128."]})
+        # A length rule is plain validation (a 129-character password is not "weak"); weak_password is
+        # kept for the common-password list, as API.md words it.
+        raise Unprocessable.field(field, f"Length must be between {passwords.MIN_LENGTH} and "
+                                         f"{passwords.MAX_LENGTH}.")
     if passwords.is_common(password):
         raise Unprocessable("weak_password", "This password is too common; choose another.",
-                            details={"password": ["Too common."]})
+                            details={field: ["Too common."]})
 
 
 def _email_taken() -> Conflict:
@@ -74,7 +76,7 @@ def change_password(session: Session, user: User, *, current_password: str, new_
     """New password; every session of the user dies (token version bump + revocation)."""
     if not passwords.verify_password(user.password_hash, current_password):
         raise Forbidden("wrong_password", "The current password is wrong.")
-    check_new_password(new_password)
+    check_new_password(new_password, "new_password")
     user.password_hash = passwords.hash_password(new_password)
     user.token_version += 1
     session.execute(update(AuthSession)
