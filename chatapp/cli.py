@@ -32,7 +32,8 @@ def create_user(email: str, username: str, plan: str | None) -> None:
     from chatapp.schemas import RegisterIn
     from chatapp.services import users
 
-    password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else click.prompt(
+    # Piped stdin is not newline-translated: a line from a CRLF file ends in "\r\n", none of it the password.
+    password = sys.stdin.readline().rstrip("\r\n") if not sys.stdin.isatty() else click.prompt(
         "Password", hide_input=True, confirmation_prompt=True)
     plan = plan or current_app.config["DEFAULT_PLAN"]
     if plan not in current_app.config["PLANS"]:
@@ -44,7 +45,7 @@ def create_user(email: str, username: str, plan: str | None) -> None:
     try:
         user = users.register(db.session, plan=plan, **data)
     except ApiError as error:
-        _fail(error.message)
+        _fail(f"{error.message} {error.details}" if error.details else error.message)
     db.session.commit()
     click.echo(f"created {user.id} {user.email} plan={user.plan}")
 
@@ -95,9 +96,14 @@ def rotate_keys() -> None:
     from chatapp.deps import deps
     from chatapp.services.model_configs import rotate_keys as rotate
 
-    changed = rotate(db.session, deps().keyring)
+    changed, unreadable = rotate(db.session, deps().keyring)
     db.session.commit()
     click.echo(f"re-encrypted {changed} api keys")
+    if unreadable:
+        # Non-zero exit so a rotation script stops here: these rows need the key they were written with
+        # added back to CHATAPP_ENCRYPTION_KEYS, or their owners must set the key again.
+        _fail(f"{len(unreadable)} api keys could not be decrypted with any configured key "
+              f"(model configs {', '.join(unreadable)}); they were left as they are")
 
 
 @chat_cli.command("reap")

@@ -68,10 +68,22 @@ class KeyRing:
         return not stored.startswith(f"v1:{self.primary_id}:")
 
 
+# However long the key, at least this many of its characters stay out of the hint.
+HINT_HIDDEN_MIN = 16
+
+
 def key_hint(api_key: str | None) -> str | None:
-    """What the user may see of a key: its prefix family and last four characters."""
+    """What the user may see of a key: its prefix family and last four characters.
+
+    Only while HINT_HIDDEN_MIN characters stay hidden: a prefix and a tail of a short key would give
+    most (or all: "abcdefg-hijk") of it away, so the tail goes first, then the prefix, down to "…".
+    """
     if not api_key:
         return None
     prefix = api_key.split("-", 1)[0] + "-" if "-" in api_key[:8] else ""
-    tail = api_key[-4:] if len(api_key) >= 12 else ""
+    tail = api_key[-4:]
+    if len(api_key) - len(prefix) - len(tail) < HINT_HIDDEN_MIN:
+        tail = ""
+    if len(api_key) - len(prefix) < HINT_HIDDEN_MIN:
+        prefix = ""
     return f"{prefix}…{tail}"

@@ -7,8 +7,16 @@ from flask_smorest import Blueprint
 
 from chatapp.deps import deps
 from chatapp.extensions import db
-from chatapp.schemas import (CanCreateIn, CanCreateOut, DeletedOut, IdsIn, ModelConfigCreateIn,
-                             ModelConfigListOut, ModelConfigOut, ModelConfigUpdateIn)
+from chatapp.schemas import (
+    CanCreateIn,
+    CanCreateOut,
+    DeletedOut,
+    IdsIn,
+    ModelConfigCreateIn,
+    ModelConfigListOut,
+    ModelConfigOut,
+    ModelConfigUpdateIn,
+)
 from chatapp.services import model_configs
 
 blp = Blueprint("model_config", __name__, description="Model endpoints (API keys are write-only)")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import numbers
+import re
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, func, select
@@ -11,14 +14,18 @@ from sqlalchemy.orm import Session
 
 from chatapp import clock
 from chatapp.clock import new_id
-from chatapp.crypto import KeyRing, key_hint
+from chatapp.crypto import DecryptionError, KeyRing, key_hint
 from chatapp.errors import ApiError, Forbidden, NotFound, Unprocessable
 from chatapp.models import Conversation, ModelConfig, User
 from chatapp.netguard import OutboundGuard, OutboundURLForbidden
 
+log = logging.getLogger(__name__)
+
 CREATE_SCOPE = "model_config:create"
 PARAMS_MAX_BYTES = 4096
 RESERVED_PARAMS = ("model", "messages", "stream")
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+_API_KEY = re.compile(r"[\x21-\x7e]+")
 
 
 def _number(low: float, high: float):
@@ -68,17 +75,46 @@ KNOWN_PARAMS = {
 }
 
 
+def _not_plain_json(params: dict) -> str | None:
+    """Python's JSON parser lets through what JSON itself (and PostgreSQL's jsonb) refuses: NaN and
+    Infinity, lone surrogates, and NUL in text. Stored, they fail the insert; sent, they break the request."""
+    pending: list = [params]
+    while pending:  # a loop, not recursion: nesting depth is the client's choice
+        value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return "numbers must be finite (no NaN or Infinity)"
+        texts = list(value) if isinstance(value, dict) else [value] if isinstance(value, str) else []
+        if any("\x00" in text or _SURROGATE.search(text) for text in texts):
+            return "text must be valid Unicode without NUL characters"
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return None
+
+
 def check_params(params: dict | None, field_name: str = "params") -> dict:
     params = params or {}
     problems = [f"{key} may not be set here" for key in RESERVED_PARAMS if key in params]
     for key, check in KNOWN_PARAMS.items():
         if key in params and (problem := check(params[key])):
             problems.append(f"{key} {problem}")
-    if len(json.dumps(params, separators=(",", ":")).encode()) > PARAMS_MAX_BYTES:
+    if problem := _not_plain_json(params):
+        problems.append(problem)
+    # Measured as the UTF-8 bytes it will take, not with \uXXXX escapes (that would count "é" as 6).
+    elif len(json.dumps(params, separators=(",", ":"), ensure_ascii=False).encode()) > PARAMS_MAX_BYTES:
         problems.append(f"must be at most {PARAMS_MAX_BYTES} bytes of JSON")
     if problems:
         raise Unprocessable("validation_error", "Some fields are invalid.", details={field_name: problems})
     return params
+
+
+def check_api_key(api_key: str | None) -> str | None:
+    """A key travels as `Authorization: Bearer <key>`: only visible ASCII can. Refused here, a CR/LF or a
+    lone surrogate is a clear 422, not a header-injection attempt at call time or a 500 in encrypt()."""
+    if api_key and not _API_KEY.fullmatch(api_key):
+        raise Unprocessable.field("api_key", "Must be printable ASCII without spaces.")
+    return api_key
 
 
 def check_base_url(guard: OutboundGuard, base_url: str) -> str:
@@ -119,6 +155,7 @@ def get_owned(session: Session, user_id: str, config_id: str | None) -> ModelCon
 
 
 def _set_api_key(keyring: KeyRing, config: ModelConfig, api_key: str | None) -> None:
+    check_api_key(api_key)
     config.api_key_encrypted = (keyring.encrypt(api_key, user_id=config.user_id, record_id=config.id)
                                 if api_key else None)
     config.api_key_hint = key_hint(api_key)
@@ -169,14 +206,38 @@ def delete_many(session: Session, user_id: str, ids: list[str]) -> list[str]:
     return [config_id for config_id in dict.fromkeys(ids) if config_id in set(owned)]
 
 
-def rotate_keys(session: Session, keyring: KeyRing) -> int:
-    changed = 0
-    for config in session.scalars(select(ModelConfig).where(ModelConfig.api_key_encrypted.is_not(None))):
+def rotate_keys(session: Session, keyring: KeyRing) -> tuple[int, list[str]]:
+    """Re-encrypts every key not under the keyring's first key: (how many, ids no configured key opens).
+
+    An unreadable row does not stop the others: its id is reported, so the operator can add back the key
+    it was written with (or ask its owner to set the key again) instead of finding out from a failed chat.
+    """
+    changed, unreadable = 0, []
+    for config in session.scalars(select(ModelConfig).where(ModelConfig.api_key_encrypted.is_not(None))
+                                  .order_by(ModelConfig.id)):
         if keyring.needs_rotation(config.api_key_encrypted):
-            plain = keyring.decrypt(config.api_key_encrypted, user_id=config.user_id, record_id=config.id)
+            try:
+                plain = keyring.decrypt(config.api_key_encrypted, user_id=config.user_id, record_id=config.id)
+            except DecryptionError:
+                unreadable.append(config.id)
+                continue
             config.api_key_encrypted = keyring.encrypt(plain, user_id=config.user_id, record_id=config.id)
             changed += 1
-    return changed
+    return changed, unreadable
+
+
+def stored_api_key(keyring: KeyRing, config: ModelConfig) -> str | None:
+    """The config's key in clear, or a clear refusal: a row whose ciphertext no configured key opens (moved
+    from another row, or written under a key since dropped) must never reach the model with a wrong key."""
+    if not config.api_key_encrypted:
+        return None
+    try:
+        return keyring.decrypt(config.api_key_encrypted, user_id=config.user_id, record_id=config.id)
+    except DecryptionError:
+        log.warning("stored api key of model config %s cannot be decrypted", config.id)
+        raise Unprocessable("model_config_key_unreadable", "The API key stored with this model config cannot be "
+                            "read; set it again with /model_config/update.",
+                            details={"model_config_id": [config.id]}) from None
 
 
 @dataclass(frozen=True)
@@ -195,14 +256,13 @@ def resolve_source(session: Session, keyring: KeyRing, guard: OutboundGuard, *, 
         if not (data.get("base_url") and data.get("model")):
             missing = "model" if data.get("base_url") else "base_url"
             raise Unprocessable.field(missing, "Inline model source needs both base_url and model.")
-        return ModelSource(check_base_url(guard, data["base_url"]), data["model"], data.get("api_key"),
+        return ModelSource(check_base_url(guard, data["base_url"]), data["model"], check_api_key(data.get("api_key")),
                            check_params(data.get("params")))
     config_id = data.get("model_config_id") or (conversation.model_config_id if conversation else None)
     if not config_id:
         raise Unprocessable("model_not_configured", "Choose a model: send base_url and model, or a "
                             "model_config_id, or give the conversation a model config.")
     config = get_owned(session, user_id, config_id)
-    api_key = (keyring.decrypt(config.api_key_encrypted, user_id=config.user_id, record_id=config.id)
-               if config.api_key_encrypted else None)
+    api_key = stored_api_key(keyring, config)
     params = {**config.params, **check_params(data.get("params"))}
     return ModelSource(check_base_url(guard, config.base_url), config.model, api_key, params, config.id)
