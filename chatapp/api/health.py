@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask_smorest import Blueprint
+from marshmallow import Schema, fields
 from sqlalchemy import text
 
 from chatapp.errors import ServiceUnavailable
@@ -11,13 +12,21 @@ from chatapp.extensions import db
 blp = Blueprint("health", __name__, description="Probes")
 
 
+class HealthOut(Schema):
+    status = fields.String(metadata={"example": "ok"})
+    database = fields.String(metadata={"example": "ok"})
+
+
 @blp.get("/healthz")
+@blp.response(200, HealthOut)
 def healthz():
     """The process is up."""
     return {"status": "ok"}
 
 
 @blp.get("/readyz")
+@blp.response(200, HealthOut)
+@blp.alt_response(503, description="database_unavailable")
 def readyz():
     """The database answers."""
     try:
