@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import gevent
+from gevent import GreenletExit
 from gevent.queue import Empty, Queue
 from sqlalchemy import and_, or_, update
 from sqlalchemy import select as select_rows
@@ -45,11 +46,13 @@ class ChatLimits:
     message_images: int
     check_exists: bool
     download_seconds: int
+    stream_max_seconds: float = 1800
 
     @classmethod
     def from_config(cls, config: dict) -> ChatLimits:
         return cls(config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"], config["MESSAGE_MAX_CHARS"],
-                   config["MESSAGE_MAX_IMAGES"], config["STORAGE_CHECK_EXISTS"], config["DOWNLOAD_URL_SECONDS"])
+                   config["MESSAGE_MAX_IMAGES"], config["STORAGE_CHECK_EXISTS"], config["DOWNLOAD_URL_SECONDS"],
+                   config["STREAM_MAX_SECONDS"])
 
 
 # ------------------------------------------------------------------ history
@@ -114,7 +117,8 @@ def prepare_turn(session: Session, storage: Storage, *, conversation: Conversati
                            status="completed")
     assistant_message = Message(id=clock.new_id(), conversation_id=conversation.id, role="assistant", content="",
                                 status="streaming", model=source.model, worker=clock.process_tag())
-    _insert_turn(session, conversation, user_message, assistant_message)
+    _insert_turn(session, conversation, user_message, assistant_message,
+                 stale_after=limits.stream_max_seconds + STALE_GRACE_SECONDS)
 
     presign = _presigner(storage, limits.download_seconds)
     model_messages = [{"role": item["role"], "content": contents.to_urls(item["content"], presign)}
@@ -138,7 +142,7 @@ def _stored_context(session: Session, conversation_id: str, limits: ChatLimits) 
     return context[::-1]
 
 
-def _insert_turn(session: Session, conversation: Conversation, *messages: Message) -> None:
+def _insert_turn(session: Session, conversation: Conversation, *messages: Message, stale_after: float) -> None:
     for attempt in range(2):
         session.add_all(messages)
         conversation.updated_at = clock.now()
@@ -147,8 +151,10 @@ def _insert_turn(session: Session, conversation: Conversation, *messages: Messag
             return
         except IntegrityError:
             session.rollback()
-            # Another reply is streaming here, unless its worker died: then free the conversation once.
-            if attempt or not reap_stale_streams(session, conversation_id=conversation.id):
+            # Another reply is streaming here, unless its worker died (or, alive, outlived the stream limit
+            # without saving, e.g. the final UPDATE failed): then free the conversation once.
+            if attempt or not reap_stale_streams(session, conversation_id=conversation.id,
+                                                 max_age_seconds=stale_after):
                 raise Conflict("conversation_busy", "A reply is still streaming in this conversation.") from None
             session.commit()
 
@@ -205,11 +211,13 @@ def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session
                 yield sse.PING
                 continue
             if type(item) is ContentDelta:
-                outcome.content.append(item.text)
-                yield sse.event("content.delta", {"delta": item.text})
+                text = _storable_text(item.text)
+                outcome.content.append(text)
+                yield sse.event("content.delta", {"delta": text})
             elif type(item) is ReasoningDelta:
-                outcome.reasoning.append(item.text)
-                yield sse.event("reasoning.delta", {"delta": item.text})
+                text = _storable_text(item.text)
+                outcome.reasoning.append(text)
+                yield sse.event("reasoning.delta", {"delta": text})
             elif type(item) is Finish:
                 outcome.status, outcome.finish_reason, outcome.usage = "completed", item.reason or "stop", item.usage
             elif isinstance(item, LLMError):
@@ -226,6 +234,10 @@ def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session
     except GeneratorExit:
         client_present = False  # gunicorn closes us when a write fails: the client has gone
         raise
+    except GreenletExit:
+        # The worker is stopping: past its graceful timeout gunicorn kills the handlers. Save what arrived
+        # (incomplete, the Outcome default) and still end the stream, so the client knows where it stopped.
+        pass
     finally:
         # Stop reading first, so what is saved is final and the upstream sees the disconnect now.
         reader.kill(block=False)
@@ -237,6 +249,17 @@ def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session
     if client_present:
         yield sse.event("message.completed", {**ids, "status": outcome.status,
                                               "finish_reason": outcome.finish_reason, "usage": outcome.usage})
+
+
+def _storable_text(text: str) -> str:
+    """An upstream's JSON may hold a lone surrogate ("\\ud83d", half an emoji split across chunks) or a NUL:
+    the first cannot be sent as UTF-8 (it would break the stream), neither can be stored by PostgreSQL (the
+    reply would be lost), so both become U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text.replace("\x00", "\ufffd")
 
 
 def _read_upstream(llm: LLMClient, turn: PreparedTurn, inbox: Queue) -> None:

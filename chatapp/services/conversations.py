@@ -21,6 +21,7 @@ from chatapp.storage import Storage, StorageError, image_prefix
 
 log = logging.getLogger(__name__)
 TITLE_MAX = 60
+_QUOTES = "\"'`“”‘’「」『』"
 TITLE_PROMPT = ("Write a short title (at most 6 words) for the conversation below, in the conversation's "
                 "language. Answer with the title only: no quotes, no prefix, no punctuation at the end.")
 
@@ -87,9 +88,17 @@ def delete_images(storage: Storage, user_id: str, conversation_ids: list[str]) -
 def clean_title(raw: str) -> str:
     """One line, at most 60 characters, without quotes, markdown emphasis or a 'Title:' prefix."""
     line = next((item for item in raw.splitlines() if item.strip()), "")
-    line = re.sub(r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:title|标题)\s*(?:\*\*)?\s*[:：]\s*", "", line, flags=re.I)
-    line = re.sub(r"\s+", " ", line).strip().strip("\"'`“”‘’「」『』*_#").strip()
-    line = line.rstrip("。.")
+    line = line.replace("**", "").replace("__", "")  # markdown bold, also around "Title:" ("**Title:** ...")
+    line = re.sub(r"^\s*(?:#+\s*)?(?:title|标题)\s*[:：]\s*", "", line, flags=re.I)
+    line = re.sub(r"\s+", " ", line)
+    # Peel until nothing changes: a period may sit outside the quotes ('"Greeting Chat".'); quotes only
+    # come off in pairs, so '"Greeting" Chat' keeps its quotes.
+    previous = None
+    while line != previous:
+        previous = line
+        line = line.strip().strip("*_#").rstrip("。.").strip()
+        if len(line) >= 2 and line[0] in _QUOTES and line[-1] in _QUOTES:
+            line = line[1:-1]
     if len(line) > TITLE_MAX:
         line = line[: TITLE_MAX - 1].rstrip() + "…"
     return line
