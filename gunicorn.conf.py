@@ -40,3 +40,27 @@ logconfig_dict = {
     # gives the root its own JSON handlers in each worker, so here it gets none (no doubled lines).
     "root": {"level": "INFO", "handlers": []},
 }
+
+
+def post_worker_init(worker):
+    """On SIGTERM, let streams run on for most of the graceful period, then end them cleanly ourselves.
+
+    gunicorn's master SIGKILLs a worker at graceful_timeout, the same moment the worker would kill its own
+    handlers, so without this a long reply would be cut mid-write and its text lost. Ending the streams a
+    little earlier saves each reply (incomplete) and sends the client its message.completed.
+    """
+    import signal
+
+    import gevent
+
+    from chatapp.services.chat import end_all_streams
+
+    grace = worker.cfg.graceful_timeout
+    drain_after = grace - 5 if grace >= 10 else grace / 2
+    stop_worker = worker.handle_exit
+
+    def on_sigterm(signum, frame):
+        stop_worker(signum, frame)
+        gevent.spawn_later(drain_after, end_all_streams)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -2,12 +2,12 @@
 
 from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
 
 from chatapp.api_doc import ChatApi
-from flask_limiter.util import get_remote_address
 
 
 class Base(DeclarativeBase):

@@ -176,6 +176,15 @@ class Outcome:
 
 _END = object()
 _CLIENT_GONE = object()
+_SHUTDOWN = object()
+_active_inboxes: set[Queue] = set()  # this worker's running relays, for end_all_streams()
+
+
+def end_all_streams() -> int:
+    """Worker shutdown: every running relay saves what it has (incomplete) and ends its stream properly."""
+    for inbox in list(_active_inboxes):
+        inbox.put(_SHUTDOWN)
+    return len(_active_inboxes)
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,7 @@ def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session
     watcher = logs.spawn(_watch_client, client_socket, inbox) if client_socket is not None else None
     deadline = time.monotonic() + settings.max_seconds
     client_present = True
+    _active_inboxes.add(inbox)
     try:
         yield sse.event("message.created", ids)
         while True:
@@ -228,6 +238,8 @@ def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session
             elif item is _CLIENT_GONE:
                 client_present = False
                 break
+            elif item is _SHUTDOWN:
+                break  # saved as incomplete / cancelled, the Outcome default
         if outcome.error is not None:
             outcome.status, outcome.finish_reason = "failed", "error"
             yield sse.event("error", {"code": outcome.error.code, "message": outcome.error.message})
@@ -239,6 +251,7 @@ def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session
         # (incomplete, the Outcome default) and still end the stream, so the client knows where it stopped.
         pass
     finally:
+        _active_inboxes.discard(inbox)
         # Stop reading first, so what is saved is final and the upstream sees the disconnect now.
         reader.kill(block=False)
         if watcher is not None:
