@@ -116,6 +116,7 @@ def load_config(env=None) -> dict:
         # Chat
         "SSE_PING_SECONDS": _float(env, "SSE_PING_SECONDS", 15.0),
         "STREAM_MAX_SECONDS": _int(env, "STREAM_MAX_SECONDS", 1800),
+        "STREAMS_PER_USER": _int(env, "STREAMS_PER_USER", 5),
         "CONTEXT_MAX_MESSAGES": _int(env, "CONTEXT_MAX_MESSAGES", 50),
         "CONTEXT_MAX_CHARS": _int(env, "CONTEXT_MAX_CHARS", 200_000),
         "MESSAGE_MAX_CHARS": _int(env, "MESSAGE_MAX_CHARS", 100_000),

@@ -67,12 +67,14 @@ def get_history(args, conversation_id):
 @blp.arguments(SendIn)
 @blp.alt_response(404, description="conversation_not_found / model_config_not_found")
 @blp.alt_response(409, description="conversation_busy")
+@blp.alt_response(429, description="too_many_streams (CHATAPP_STREAMS_PER_USER)")
 @blp.alt_response(422, description="validation_error / model_not_configured / model_url_forbidden / invalid_image")
 @blp.doc(security=ACCESS, responses={200: SSE_DOC})
 def send(data):
     """Store the user's message and stream the model's reply as Server-Sent Events."""
     services, config = deps(), current_app.config
-    conversation = conversations.get_owned_conversation(db.session, current_user.id, data["conversation_id"])
+    conversation = chat.load_for_send(db.session, current_user.id, data["conversation_id"],
+                                      max_streams=config["STREAMS_PER_USER"])
     source = model_configs.resolve_source(db.session, services.keyring, services.guard, user_id=current_user.id,
                                           data=data, conversation=conversation)
     turn = chat.prepare_turn(db.session, storage(), conversation=conversation, source=source, data=data,

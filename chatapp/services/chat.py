@@ -21,13 +21,13 @@ from datetime import timedelta
 import gevent
 from gevent import GreenletExit
 from gevent.queue import Empty, Queue
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, func, or_, update
 from sqlalchemy import select as select_rows
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from chatapp import clock, logs, sse
-from chatapp.errors import Conflict, NotFound
+from chatapp.errors import Conflict, NotFound, TooManyRequests
 from chatapp.llm import ContentDelta, Finish, LLMClient, LLMError, ReasoningDelta
 from chatapp.models import Conversation, Message
 from chatapp.services import content as contents
@@ -87,6 +87,23 @@ def _presigner(storage: Storage, seconds: int) -> Callable[[str], str]:
 
 
 # ------------------------------------------------------------------ send: before the stream
+
+
+def load_for_send(session: Session, user_id: str, conversation_id: str, *, max_streams: int) -> Conversation:
+    """The conversation with its model config, in one statement that also counts the user's running streams."""
+    streaming = (select_rows(func.count()).select_from(Message)
+                 .join(Conversation, Conversation.id == Message.conversation_id)
+                 .where(Message.status == "streaming", Conversation.user_id == user_id).scalar_subquery())
+    row = session.execute(select_rows(Conversation, streaming)
+                          .options(joinedload(Conversation.model_config))
+                          .where(Conversation.id == conversation_id, Conversation.user_id == user_id)).first()
+    if row is None:
+        raise NotFound.of("conversation")
+    conversation, running = row
+    if running >= max_streams:
+        raise TooManyRequests("too_many_streams", f"At most {max_streams} replies may stream at once; "
+                              "wait for one to finish.", headers={"Retry-After": "1"})
+    return conversation
 
 
 @dataclass

@@ -26,6 +26,12 @@ def text_length(content: Content) -> int:
     return sum(len(part["text"]) for part in content if part["type"] == "text")
 
 
+def has_text(content: Content) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(part["text"].strip() for part in content if part["type"] == "text")
+
+
 def image_count(content: Content) -> int:
     return 0 if isinstance(content, str) else sum(part["type"] == "image_url" for part in content)
 
@@ -37,7 +43,7 @@ def check_limits(content: Content, *, max_chars: int, max_images: int) -> None:
     if image_count(content) > max_images:
         raise Unprocessable("too_many_images", f"A message may hold at most {max_images} images.",
                             details={"content": [f"at most {max_images} images"]})
-    if not text_length(content) and not image_count(content):
+    if not has_text(content) and not image_count(content):
         raise Unprocessable.field("content", "The message is empty.")
 
 
