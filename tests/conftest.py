@@ -28,6 +28,7 @@ PASSWORD = "correct horse battery staple"
 
 # Every secret the suite hands the app; test_zz_logs checks none of them reached the log file.
 SECRETS_USED: set[str] = set()
+LOG_FILES: set[Path] = set()  # every log file the suite's apps and live servers wrote
 
 
 def remember_secret(value: str) -> str:
@@ -37,7 +38,9 @@ def remember_secret(value: str) -> str:
 
 @pytest.fixture(scope="session")
 def log_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("logs") / "chatapp.log"
+    path = tmp_path_factory.mktemp("logs") / "chatapp.log"
+    LOG_FILES.add(path)
+    return path
 
 
 def base_settings(tmp: Path, log_file: Path, database_url: str) -> dict:
@@ -235,6 +238,7 @@ def start_live_server(tmp: Path, extra_env: dict | None = None, workers: int = 1
     port = port or free_port()
     database_url = PG_URL or f"sqlite:///{tmp / 'live.sqlite3'}"
     log_path = tmp / "live.log"
+    LOG_FILES.add(log_path)
     env = {
         **os.environ,
         "PORT": str(port), "HOST": "127.0.0.1",

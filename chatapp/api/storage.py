@@ -8,6 +8,8 @@ from werkzeug.wsgi import wrap_file
 
 from chatapp.deps import deps
 from chatapp.errors import ApiError, NotFound
+from chatapp.extensions import db
+from chatapp.models import Conversation
 from chatapp.storage import (
     InvalidKey,
     InvalidSignature,
@@ -29,23 +31,34 @@ def _local() -> LocalStorage:
 
 
 def _grant(backend: LocalStorage, key: str):
+    # A PUT without Content-Type is checked as "", so it fails like a wrong one: the signed type is part of the URL.
+    content_type = request.headers.get("Content-Type", "") if request.method == "PUT" else None
     try:
-        return backend.verify(request.method, key, request.args, content_type=request.headers.get("Content-Type"))
+        return backend.verify(request.method, key, request.args, content_type=content_type)
     except InvalidSignature as error:
-        status = 405 if error.code == "method_not_allowed" else 403
-        raise ApiError(error.code, f"This storage URL is not valid: {error}.", status=status) from None
+        if error.code == "method_not_allowed":  # a genuine URL for the other verb; a 405 names the allowed ones
+            allow = "GET, HEAD" if request.method == "PUT" else "PUT"
+            raise ApiError(error.code, f"This storage URL is not valid: {error}.", status=405,
+                           headers={"Allow": allow}) from None
+        raise ApiError(error.code, f"This storage URL is not valid: {error}.", status=403) from None
     except InvalidKey:
         raise NotFound.of("object") from None
 
 
-@blp.route("/<path:key>", methods=["PUT"])
+# merge_slashes=False: "//" in a key path is a 404 in our JSON shape, not werkzeug's HTML 308 redirect.
+@blp.route("/<path:key>", methods=["PUT"], merge_slashes=False)
 @blp.doc(responses={200: {"description": "stored"}, 403: {"description": "signature_invalid / url_expired"},
+                    404: {"description": "conversation_not_found (deleted since the URL was issued)"},
+                    405: {"description": "method_not_allowed (a download URL)"},
                     413: {"description": "payload_too_large"}, 415: {"description": "not_an_image"}})
 def upload(key):
     """Upload an image with the exact URL and headers `get_upload_presigned_url` gave."""
     backend = _local()
     grant = _grant(backend, key)
-    request.max_content_length = grant.max_bytes  # the signed size, instead of the JSON body limit
+    _check_conversation(key)
+    # The signed size instead of the JSON body limit; one byte over it so that a chunked body of exactly
+    # max_bytes ends cleanly (werkzeug's capped stream raises on any read at its cap) and save() judges the size.
+    request.max_content_length = grant.max_bytes + 1
     try:
         size = backend.save(key, request.stream, grant.content_type, grant.max_bytes)
     except TooLarge:
@@ -59,7 +72,18 @@ def upload(key):
     return {"key": key, "size": size}
 
 
-@blp.route("/<path:key>", methods=["GET"])
+def _check_conversation(key: str) -> None:
+    """An upload URL outlives a deleted conversation: refuse it, or its file would be an orphan forever."""
+    user_id, conversation_id, *_ = [*key.split("/"), "", ""]
+    try:
+        conversation = db.session.get(Conversation, conversation_id) if conversation_id else None
+        if conversation is None or conversation.user_id != user_id:
+            raise NotFound.of("conversation")
+    finally:
+        db.session.remove()  # no database connection held while a slow client sends the body
+
+
+@blp.route("/<path:key>", methods=["GET"], merge_slashes=False)
 @blp.doc(responses={200: {"description": "the image"}, 403: {"description": "signature_invalid / url_expired"}})
 def download(key):
     """Download an image with a URL from history (or given to the model)."""
