@@ -55,6 +55,7 @@ def configure(app: Flask, settings: dict) -> None:
         },
     )
     app.json.sort_keys = False
+    app.url_map.merge_slashes = False  # '//' in a path is a JSON 404, not werkzeug's HTML redirect
     if settings["TRUSTED_PROXIES"] > 0:
         hops = settings["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)

@@ -785,13 +785,14 @@ class FakeCosCalls:
 
     def __init__(self, objects: set[str] | None = None) -> None:
         self.objects = objects if objects is not None else set()
+        self.sizes: dict[str, int] = {}
         self.calls: list[tuple[str, dict]] = []
 
     def head_object(self, **kwargs):
         self.calls.append(("head_object", kwargs))
         if kwargs["Key"] not in self.objects:
             raise CosServiceError("HEAD", "<Error><Code>NoSuchKey</Code></Error>", 404)
-        return {}
+        return {"Content-Length": str(self.sizes.get(kwargs["Key"], len(PNG)))}
 
     def list_objects(self, **kwargs):
         self.calls.append(("list_objects", kwargs))
@@ -910,6 +911,29 @@ def test_cos_exists_check_uses_head_object(api, alice, cos, fake_upstream):
     assert [(name, kwargs["Key"]) for name, kwargs in cos.calls] == [("head_object", missing["key"]),
                                                                      ("head_object", present["key"])]
     assert all(kwargs["Bucket"] == COS_BUCKET for _, kwargs in cos.calls)
+
+
+@pytest.mark.app_settings(**{**COS_SETTINGS, "STORAGE_CHECK_EXISTS": True, "UPLOAD_MAX_BYTES": 1000})
+def test_cos_oversized_object_is_refused_when_used(api, alice, cos, fake_upstream):
+    """A COS presigned PUT cannot cap the size, so the size is judged when a message uses the image."""
+    conversation_id = create_conversation(api, alice)
+    small, large = upload_items(api, alice, conversation_id, ["png", "png"])
+    cos.objects.update({small["key"], large["key"]})
+    cos.sizes.update({small["key"]: 1000, large["key"]: 1001})
+    body = assert_error(send(api, alice, conversation_id, [image_part(large["url"])], fake_upstream), 422,
+                        "invalid_image")
+    assert "1000 bytes" in body["message"]
+    send_ok(api, alice, conversation_id, [image_part(small["url"])], fake_upstream)
+
+
+def test_an_uploaded_image_cannot_be_replaced(api, alice):
+    conversation_id = create_conversation(api, alice)
+    item = upload_png(api, alice, conversation_id)
+    assert_error(put(api, item, make_png(5, 5)), 409, "object_exists")
+
+
+def test_double_slashes_are_a_json_404_not_a_redirect(api, alice):
+    assert_error(api.get("/api/v1//user/me", token=alice.access), 404)
 
 
 @pytest.mark.app_settings(**COS_SETTINGS)

@@ -21,6 +21,7 @@ from chatapp.schemas import (
     TitleOut,
 )
 from chatapp.services import conversations, model_configs
+from chatapp.services.chat import ChatLimits
 
 blp = Blueprint("conversation", __name__, description="Conversations")
 ACCESS = [{"access": []}]
@@ -70,7 +71,7 @@ def generate_title(data):
         title = conversations.suggest_title(
             services.llm, storage(), user_id=user_id, conversation_id=conversation_id, source=source,
             messages=data["messages"], timeout=current_app.config["LLM_TITLE_TIMEOUT"],
-            check_exists=current_app.config["STORAGE_CHECK_EXISTS"])
+            limits=ChatLimits.from_config(current_app.config))
     except LLMError as error:
         raise ApiError(error.code, error.message, status=error.status) from None
     conversations.save_title(db.session, conversation_id, title)

@@ -7,7 +7,7 @@ from flask_smorest import Blueprint
 from werkzeug.wsgi import wrap_file
 
 from chatapp.deps import deps
-from chatapp.errors import ApiError, NotFound
+from chatapp.errors import ApiError, Conflict, NotFound
 from chatapp.extensions import db
 from chatapp.models import Conversation
 from chatapp.storage import (
@@ -50,12 +50,15 @@ def _grant(backend: LocalStorage, key: str):
 @blp.doc(responses={200: {"description": "stored"}, 403: {"description": "signature_invalid / url_expired"},
                     404: {"description": "conversation_not_found (deleted since the URL was issued)"},
                     405: {"description": "method_not_allowed (a download URL)"},
-                    413: {"description": "payload_too_large"}, 415: {"description": "not_an_image"}})
+                    409: {"description": "object_exists"}, 413: {"description": "payload_too_large"}, 415: {"description": "not_an_image"}})
 def upload(key):
     """Upload an image with the exact URL and headers `get_upload_presigned_url` gave."""
     backend = _local()
     grant = _grant(backend, key)
     _check_conversation(key)
+    if backend.exists(key):
+        # A sent message refers to this image: replacing it would change history under the user's feet.
+        raise Conflict("object_exists", "This image was already uploaded; ask for a new upload URL.")
     # The signed size instead of the JSON body limit; one byte over it so that a chunked body of exactly
     # max_bytes ends cleanly (werkzeug's capped stream raises on any read at its cap) and save() judges the size.
     request.max_content_length = grant.max_bytes + 1

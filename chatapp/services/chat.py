@@ -46,13 +46,20 @@ class ChatLimits:
     message_images: int
     check_exists: bool
     download_seconds: int
+    upload_max_bytes: int
     stream_max_seconds: float = 1800
 
     @classmethod
     def from_config(cls, config: dict) -> ChatLimits:
         return cls(config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"], config["MESSAGE_MAX_CHARS"],
                    config["MESSAGE_MAX_IMAGES"], config["STORAGE_CHECK_EXISTS"], config["DOWNLOAD_URL_SECONDS"],
-                   config["STREAM_MAX_SECONDS"])
+                   config["UPLOAD_MAX_BYTES"], config["STREAM_MAX_SECONDS"])
+
+    def stored_form(self, content, storage: Storage, *, user_id: str, conversation_id: str):
+        """Checked against the limits, image URLs reduced to keys this user may use in this conversation."""
+        contents.check_limits(content, max_chars=self.message_chars, max_images=self.message_images)
+        return contents.to_keys(content, storage, user_id=user_id, conversation_id=conversation_id,
+                                check_exists=self.check_exists, max_bytes=self.upload_max_bytes)
 
 
 # ------------------------------------------------------------------ history
@@ -122,9 +129,7 @@ def prepare_turn(session: Session, storage: Storage, *, conversation: Conversati
     sent_context = [] if "message" in data else data["messages"][:-1]
 
     def stored_form(content):
-        contents.check_limits(content, max_chars=limits.message_chars, max_images=limits.message_images)
-        return contents.to_keys(content, storage, user_id=conversation.user_id, conversation_id=conversation.id,
-                                check_exists=limits.check_exists)
+        return limits.stored_form(content, storage, user_id=conversation.user_id, conversation_id=conversation.id)
 
     user_content = stored_form(new_message["content"])
     context = ([{"role": item.get("role", "user"), "content": stored_form(item["content"])} for item in sent_context]

@@ -48,7 +48,7 @@ def check_limits(content: Content, *, max_chars: int, max_images: int) -> None:
 
 
 def to_keys(content: Content, storage: Storage, *, user_id: str, conversation_id: str,
-            check_exists: bool) -> Content:
+            check_exists: bool, max_bytes: int | None = None) -> Content:
     """The form stored in the database: every image URL reduced to a key this caller may use here."""
     if isinstance(content, str):
         return content
@@ -64,8 +64,13 @@ def to_keys(content: Content, storage: Storage, *, user_id: str, conversation_id
         key = storage.key_from_url(url)
         if key is None or not key.startswith(prefix):
             raise invalid_image("the image must be one uploaded to this conversation through this API")
-        if check_exists and not storage.exists(key):
-            raise invalid_image("the image was never uploaded (or has been deleted)")
+        if check_exists:
+            size = storage.size(key)
+            if size is None:
+                raise invalid_image("the image was never uploaded (or has been deleted)")
+            if max_bytes is not None and size > max_bytes:
+                # The COS backend cannot cap a presigned PUT, so an oversized object is refused here.
+                raise invalid_image(f"the image is larger than {max_bytes} bytes")
         stored.append({"type": "image_url", "image_url": {**part["image_url"], "url": key}})
     return stored
 

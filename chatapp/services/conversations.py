@@ -16,6 +16,7 @@ from chatapp.errors import NotFound, Unprocessable
 from chatapp.llm import LLMClient
 from chatapp.models import Conversation, Message
 from chatapp.services import content as contents
+from chatapp.services.chat import ChatLimits
 from chatapp.services.model_configs import ModelSource, get_owned
 from chatapp.storage import Storage, StorageError, image_prefix
 
@@ -116,13 +117,14 @@ def title_messages(messages: list[dict], presign) -> list[dict]:
 
 
 def suggest_title(llm: LLMClient, storage: Storage, *, user_id: str, conversation_id: str, source: ModelSource,
-                  messages: list[dict], timeout: float, check_exists: bool) -> str:
+                  messages: list[dict], timeout: float, limits: ChatLimits) -> str:
     """Ask the model; touches no database, so no connection is held while it thinks."""
-    stored = [{**message, "content": contents.to_keys(message["content"], storage, user_id=user_id,
-                                                      conversation_id=conversation_id, check_exists=check_exists)}
+    stored = [{**message, "content": limits.stored_form(message["content"], storage, user_id=user_id,
+                                                        conversation_id=conversation_id)}
               for message in messages]
-    completion = llm.complete(source.base_url, source.api_key, source.model,
-                              title_messages(stored, _presigner(storage)), source.params, timeout=timeout)
+    presign = _presigner(storage, limits.download_seconds)
+    completion = llm.complete(source.base_url, source.api_key, source.model, title_messages(stored, presign),
+                              source.params, timeout=timeout)
     return clean_title(completion.text) or clean_title(_first_text(messages)) or "New conversation"
 
 
@@ -141,5 +143,5 @@ def _first_text(messages: list[dict]) -> str:
     return ""
 
 
-def _presigner(storage: Storage):
-    return lambda key: storage.presign_download(key, expires_in=3600)
+def _presigner(storage: Storage, seconds: int):
+    return lambda key: storage.presign_download(key, expires_in=seconds)

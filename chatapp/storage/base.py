@@ -73,7 +73,11 @@ class Storage(ABC):
         """The key behind a URL this backend issued (valid signature not required) or a bare key, else None."""
 
     @abstractmethod
-    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int | None:
+        """The stored object's size in bytes, or None when there is none."""
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> int:

@@ -94,18 +94,20 @@ class COSStorage(Storage):
     def key_from_url(self, url_or_key: str) -> str | None:
         return self._origin.key_from_url(url_or_key)
 
-    def exists(self, key: str) -> bool:
+    def size(self, key: str) -> int | None:
+        # A presigned PUT cannot cap the size on COS, so the size is checked when a message uses the image.
         if not is_valid_key(key):
-            return False
+            return None
         try:
-            self._client.head_object(Bucket=self.bucket, Key=key)
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
         except CosServiceError as exc:
             if exc.get_status_code() == 404:
-                return False
+                return None
             raise StorageError("COS head_object failed") from exc
         except CosException as exc:
             raise StorageError("COS head_object failed") from exc
-        return True
+        # The SDK answers with the response headers.
+        return int(head.get("Content-Length") or head.get("content-length") or 0)
 
     def delete_prefix(self, prefix: str) -> int:
         if not is_valid_prefix(prefix):

@@ -219,11 +219,12 @@ class LocalStorage(Storage):
             raise ObjectNotFound(key) from exc
         return file, os.fstat(file.fileno()).st_size, content_type_for(key)
 
-    def exists(self, key: str) -> bool:
+    def size(self, key: str) -> int | None:
         try:
-            return self._path_for(key).is_file()
-        except InvalidKey:
-            return False
+            path = self._path_for(key)
+            return path.stat().st_size if path.is_file() else None
+        except (InvalidKey, OSError):
+            return None
 
     def delete_prefix(self, prefix: str) -> int:
         if not is_valid_prefix(prefix):
