@@ -74,6 +74,7 @@ def register_extensions(app: Flask) -> None:
     from chatapp.extensions import api, db, limiter, migrate
 
     db.init_app(app)
+    app.teardown_appcontext(_release_session)  # registered after Flask-SQLAlchemy's, so it runs before it
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             event.listen(db.engine, "connect", _sqlite_pragmas)
@@ -84,6 +85,25 @@ def register_extensions(app: Flask) -> None:
         CORS(app, resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
              expose_headers=["X-Request-ID", "Retry-After"], max_age=600,
              allow_headers=["Authorization", "Content-Type", "X-Request-ID", "traceparent", "X-Trace-ID"])
+
+
+def _release_session(_error) -> None:
+    """End the request's session; a connection the database dropped must not turn the response into a 500.
+
+    Teardown errors escape Flask's error handlers (gunicorn would answer its own HTML page), and rolling
+    back on a connection a database restart killed does raise. The pool has invalidated it by then.
+    """
+    import logging
+
+    from sqlalchemy.exc import DBAPIError
+
+    from chatapp.extensions import db
+
+    try:
+        db.session.remove()
+    except DBAPIError:
+        logging.getLogger(__name__).warning("database connection lost while ending a request")
+        db.session.registry.clear()
 
 
 def _sqlite_pragmas(connection, _record) -> None:

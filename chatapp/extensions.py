@@ -14,7 +14,9 @@ class Base(DeclarativeBase):
     pass
 
 
-db = SQLAlchemy(model_class=Base)
+# Objects keep their values after commit: a response is built from what was committed, without a reload that
+# could fail (database gone) after the write already succeeded and turn a success into an error.
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 migrate = Migrate()
 jwt = JWTManager()
 api = ChatApi()
