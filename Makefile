@@ -27,5 +27,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The relay benchmark (bench/README.md): direct vs chatapp (SQLite, PostgreSQL) vs LiteLLM, under 10 minutes.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+# A ~10-second run of the same harness (direct and chatapp on SQLite, tiny loads), for CI.
+bench-smoke: $(STAMP)
+	$(BIN)/python bench/run.py --smoke
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
