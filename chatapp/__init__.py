@@ -68,17 +68,22 @@ def register_logging(app: Flask) -> None:
 
 
 def register_extensions(app: Flask) -> None:
+    import click
     from flask_cors import CORS
     from sqlalchemy import event
 
-    from chatapp.extensions import api, db, limiter, migrate
+    from chatapp.extensions import api, db, limiter
 
     db.init_app(app)
     app.teardown_appcontext(_release_session)  # registered after Flask-SQLAlchemy's, so it runs before it
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             event.listen(db.engine, "connect", _sqlite_pragmas)
-    migrate.init_app(app, db, render_as_batch=True, directory=str(Path(__file__).parent.parent / "migrations"))
+    if click.get_current_context(silent=True) is not None:
+        # Only the `flask` CLI needs Flask-Migrate (Alembic and Mako: ~11 MB in every gunicorn worker otherwise).
+        from chatapp.extensions import migrate
+
+        migrate.init_app(app, db, render_as_batch=True, directory=str(Path(__file__).parent.parent / "migrations"))
     limiter.init_app(app)
     api.init_app(app)
     if app.config["CORS_ORIGINS"]:

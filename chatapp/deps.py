@@ -11,7 +11,7 @@ from flask import current_app, request
 from chatapp.crypto import KeyRing
 from chatapp.llm import LLMClient
 from chatapp.netguard import OutboundGuard
-from chatapp.storage import COSStorage, LocalStorage, Storage
+from chatapp.storage import LocalStorage, Storage
 
 
 @dataclass
@@ -35,6 +35,8 @@ def build(config: dict) -> Deps:
 
 def build_storage(config: dict) -> Storage:
     if config["STORAGE_BACKEND"] == "cos":
+        from chatapp.storage.cos import COSStorage
+
         return COSStorage(config["COS_SECRET_ID"], config["COS_SECRET_KEY"], config["COS_REGION"],
                           config["COS_BUCKET"], token=config["COS_TOKEN"], domain=config["COS_DOMAIN"],
                           scheme=config["COS_SCHEME"])

@@ -16,7 +16,8 @@ def event(name: str, data: dict) -> bytes:
 
 
 def response(events: Iterable[bytes]) -> Response:
-    return Response(events, mimetype="text/event-stream", headers={
+    # direct_passthrough: the events are bytes already, so werkzeug need not wrap them in its encoding generator.
+    return Response(events, mimetype="text/event-stream", direct_passthrough=True, headers={
         # Every proxy between us and the browser must pass each event on as it comes.
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",

@@ -82,7 +82,8 @@ def add_messages(app, conversation_id: str, count: int) -> list[str]:
             role = "user" if index % 2 == 0 else "assistant"
             message = Message(id=clock.new_id(), conversation_id=conversation_id, role=role,
                               content=f"message {index}", status="completed",
-                              created_at=start + timedelta(seconds=index))
+                              created_at=start + timedelta(seconds=index),
+                              updated_at=start + timedelta(seconds=index))
             db.session.add(message)
             ids.append(message.id)
         db.session.commit()
@@ -644,3 +645,16 @@ def test_title_validation(api, alice, body, field):
     error = assert_error(api.post("conversation/generate_title", request, token=alice.access), 422,
                          "validation_error")
     assert field in error["details"]
+
+
+def test_a_new_message_moves_its_conversation_to_the_top(app, api, alice):
+    """conversations.updated_at follows its messages by a database trigger (migration 0002)."""
+    first, second = create_conversation(api, alice), create_conversation(api, alice)
+    assert [item["id"] for item in list_all(api, alice)] == [second["id"], first["id"]]
+    with app.app_context():
+        db.session.add(Message(id=clock.new_id(), conversation_id=first["id"], role="user", content="hi",
+                               status="completed"))
+        db.session.commit()
+    listed = list_all(api, alice)
+    assert [item["id"] for item in listed] == [first["id"], second["id"]]
+    assert listed[0]["updated_at"] > first["updated_at"]

@@ -165,9 +165,9 @@ def _stored_context(session: Session, conversation_id: str, limits: ChatLimits) 
 
 
 def _insert_turn(session: Session, conversation: Conversation, *messages: Message, stale_after: float) -> None:
+    # conversations.updated_at follows by itself (a database trigger, migration 0002).
     for attempt in range(2):
         session.add_all(messages)
-        conversation.updated_at = clock.now()
         try:
             session.commit()
             return
@@ -331,9 +331,8 @@ def _save(open_session: Callable[[], Session], turn: PreparedTurn, outcome: Outc
     }
     session = open_session()
     try:
+        # One statement: the conversation's updated_at follows by trigger (migration 0002).
         session.execute(update(Message).where(Message.id == turn.assistant_message_id).values(**values))
-        session.execute(update(Conversation).where(Conversation.id == turn.conversation_id)
-                        .values(updated_at=values["updated_at"]))
         session.commit()
     except Exception:
         # The stream still ends properly; the row stays `streaming` and the reaper marks it incomplete.

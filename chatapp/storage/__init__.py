@@ -11,7 +11,6 @@ from .base import (
     StorageFull,
     TooLarge,
 )
-from .cos import COSStorage
 from .keys import (
     IMAGE_SUFFIXES,
     content_type_for,
@@ -22,6 +21,16 @@ from .keys import (
     sniff_image_type,
 )
 from .local import LocalStorage, SignedGrant
+
+
+def __getattr__(name: str):
+    # The COS SDK costs ~8 MB per worker: import it only where the cos backend is used.
+    if name == "COSStorage":
+        from .cos import COSStorage
+
+        return COSStorage
+    raise AttributeError(name)
+
 
 __all__ = [
     "IMAGE_SUFFIXES",
