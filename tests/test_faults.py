@@ -119,3 +119,35 @@ def test_worker_killed_mid_stream_is_reaped_and_the_conversation_works_again(tmp
                                 ("user", "completed"), ("assistant", "completed")]
         finally:
             stop_live_server(server)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 64 KiB filesystem for the image store (tmpfs; needs root, as CI and the dev machines have)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_image_disk_is_507_json_and_leaves_nothing_behind(app, api, alice, tiny_disk):
+    from tests.test_images import padded_png, put, upload_items
+
+    app.extensions["chatapp"].storage.root = tiny_disk
+    conversation_id = api.post("conversation/create", {}, token=alice.access).get_json()["id"]
+    statuses = []
+    for _ in range(4):
+        item = upload_items(api, alice, conversation_id)[0]
+        response = put(api, item, padded_png(30_000))
+        statuses.append(response.status_code)
+        if response.status_code == 507:
+            body = response.get_json()
+            assert body["code"] == "storage_full" and body["request_id"]
+            break
+    assert statuses[-1] == 507 and set(statuses[:-1]) == {200}, statuses
+    leftovers = [path.name for path in tiny_disk.rglob("*") if path.is_file() and path.name.startswith(".upload")]
+    assert leftovers == []  # the half-written temp file was removed

@@ -77,3 +77,19 @@ def test_every_operation_conforms_and_never_fails(case, api, seeded):
     case.headers = headers
     response = case.call()
     case.validate_response(response, checks=CHECKS)
+
+
+def test_stateful_sequences_create_use_delete(api_schema, seeded):
+    """Sequences along the links schemathesis infers from the document: create a config, open a conversation
+    with it, send, title, list, delete... every step still never a 5xx and always as documented."""
+    headers = {"Authorization": f"Bearer {seeded['account'].access}"}
+
+    class Machine(api_schema.as_state_machine()):
+        def get_call_kwargs(self, case):
+            return {"headers": headers}
+
+        def validate_response(self, response, case, **kwargs):
+            case.validate_response(response, checks=CHECKS)
+
+    Machine.run(settings=settings(max_examples=25, stateful_step_count=6, deadline=None,
+                                  suppress_health_check=list(HealthCheck)))
