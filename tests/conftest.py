@@ -3,6 +3,7 @@ set), an API client with an `auth` helper, and a real gunicorn+gevent server for
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -183,6 +185,46 @@ def alice(api) -> Account:
 @pytest.fixture
 def bob(api) -> Account:
     return api.register(username="Bob")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+_RATE_LIMIT_PORT = urlsplit(RATELIMIT_URI).port if RATELIMIT_URI.startswith("redis") else None
+
+
+@pytest.fixture
+def dials(monkeypatch) -> list[tuple]:
+    """The TCP connects a test makes, as (host, port, timeout). Anything but loopback fails the test, and so
+    does a DNS lookup of a real name, so even a broken guard under test can never send a packet away.
+    The shared rate-limit store (Redis in CI) is allowed and not recorded: it is not a model URL."""
+    seen: list[tuple] = []
+    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            if not _is_loopback(address[0]):
+                raise AssertionError(f"test tried to dial non-loopback {address!r}")
+            if address[1] != _RATE_LIMIT_PORT:
+                seen.append((address[0], address[1], self.gettimeout()))
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        try:
+            ipaddress.ip_address(name.split("%")[0])
+        except ValueError:
+            if name != "localhost":
+                raise AssertionError(f"test tried a DNS lookup of {name!r}") from None
+        return real_gai(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return seen
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:

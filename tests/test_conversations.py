@@ -13,7 +13,6 @@ import base64
 import json
 import re
 import secrets
-import socket
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -96,21 +95,6 @@ def count_rows(app, model, **where) -> int:
         for name, value in where.items():
             query = query.where(getattr(model, name) == value)
         return db.session.scalar(query)
-
-
-@pytest.fixture
-def dials(monkeypatch) -> list[tuple]:
-    """Every TCP connect made while the test runs (the database's included)."""
-    seen: list[tuple] = []
-    real_connect = socket.socket.connect
-
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            seen.append(address)
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    return seen
 
 
 # ------------------------------------------------------------------ create and list

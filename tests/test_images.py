@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import http.client
 import io
-import ipaddress
 import json
 import re
-import socket
 import struct
 import time
 import zlib
@@ -91,38 +89,7 @@ def test_the_test_png_is_a_real_png():
 # ------------------------------------------------------------------ no packet leaves the machine
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def dials(monkeypatch) -> list[tuple]:
-    """Every socket connect of the test; anything but loopback (or a unix socket) fails it."""
-    seen: list[tuple] = []
-    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            seen.append(address)
-            if not _is_loopback(address[0]):
-                raise AssertionError(f"test tried to dial non-loopback {address!r}")
-        return real_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        try:
-            ipaddress.ip_address(name.split("%")[0])
-        except ValueError:
-            if name != "localhost":
-                raise AssertionError(f"test tried a DNS lookup of {name!r}") from None
-        return real_gai(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return seen
+pytestmark = pytest.mark.usefixtures("dials")  # the loopback-only fence of tests/conftest.py
 
 
 # ------------------------------------------------------------------ helpers (in-process app)

@@ -9,12 +9,10 @@ cases use a guard with an injected resolver.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import secrets
 import socket
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import select
@@ -27,7 +25,7 @@ from chatapp.extensions import db
 from chatapp.models import Conversation, ModelConfig
 from chatapp.netguard import OutboundGuard, OutboundURLForbidden
 from chatapp.services import model_configs
-from tests.conftest import RATELIMIT_URI, ApiClient, assert_error, remember_secret
+from tests.conftest import ApiClient, assert_error, remember_secret
 
 CONFIG_FIELDS = {"id", "name", "base_url", "model", "api_key_hint", "params", "created_at", "updated_at"}
 UPSTREAM = "http://127.0.0.1:9/v1"  # allowlisted in the test settings; never dialled by these endpoints
@@ -36,43 +34,7 @@ UPSTREAM = "http://127.0.0.1:9/v1"  # allowlisted in the test settings; never di
 # ------------------------------------------------------------------ helpers and fixtures
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-RATE_LIMIT_PORT = urlsplit(RATELIMIT_URI).port if RATELIMIT_URI.startswith("redis") else None
-
-
-@pytest.fixture(autouse=True)
-def dials(monkeypatch) -> list[tuple]:
-    """Every socket connect of the test; anything but loopback (or a unix socket) fails it."""
-    seen: list[tuple] = []
-    real_connect = socket.socket.connect
-    real_gai = socket.getaddrinfo
-
-    def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            if not _is_loopback(address[0]):
-                raise AssertionError(f"test tried to dial non-loopback {address!r}")
-            if address[1] != RATE_LIMIT_PORT:  # the shared rate-limit store (Redis in CI) is not a model URL
-                seen.append(address)
-        return real_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        try:
-            ipaddress.ip_address(name.split("%")[0])
-        except ValueError:
-            if name != "localhost":
-                raise AssertionError(f"test tried a DNS lookup of {name!r}") from None
-        return real_gai(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return seen
+pytestmark = pytest.mark.usefixtures("dials")  # the loopback-only fence of tests/conftest.py
 
 
 @pytest.fixture

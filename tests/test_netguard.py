@@ -23,37 +23,7 @@ from chatapp.netguard import CheckedURL, OutboundGuard, OutboundURLForbidden
 PUBLIC = "93.184.216.34"  # only ever returned by fake resolvers for check_url(); never dialled
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def dials(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, float | None]]:
-    seen: list[tuple[str, int, float | None]] = []
-    real_connect = socket.socket.connect
-    real_gai = socket.getaddrinfo
-
-    def connect(self: socket.socket, address: tuple) -> None:  # type: ignore[type-arg]
-        seen.append((address[0], address[1], self.gettimeout()))
-        if not _is_loopback(address[0]):
-            raise AssertionError(f"test tried to dial non-loopback {address!r}")
-        return real_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
-        h = host.decode() if isinstance(host, bytes) else host
-        try:
-            ipaddress.ip_address(h.split("%")[0])
-        except ValueError:
-            if h != "localhost":
-                raise AssertionError(f"test tried a DNS lookup of {h!r}") from None
-        return real_gai(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return seen
+pytestmark = pytest.mark.usefixtures("dials")  # the loopback-only fence of tests/conftest.py
 
 
 def fixed(mapping: dict[str, list[str]], calls: list[str] | None = None) -> Callable[[str, int], list[str]]:
