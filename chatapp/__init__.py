@@ -49,9 +49,11 @@ def configure(app: Flask, settings: dict) -> None:
         JSON_SORT_KEYS=False,
         RATELIMIT_HEADERS_ENABLED=True,
         RATELIMIT_SWALLOW_ERRORS=settings["CHATAPP_ENV"] == "production",
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True, "connect_args": {"timeout": 30}} if sqlite else {
+        # The same pool bounds for both databases, so tests on SQLite exercise the pool-exhausted path too.
+        SQLALCHEMY_ENGINE_OPTIONS={
             "pool_pre_ping": True, "pool_size": settings["DB_POOL_SIZE"],
             "max_overflow": settings["DB_MAX_OVERFLOW"], "pool_timeout": settings["DB_POOL_TIMEOUT"],
+            **({"connect_args": {"timeout": 30}} if sqlite else {}),
         },
     )
     app.json.sort_keys = False

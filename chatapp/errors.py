@@ -11,6 +11,7 @@ import logging
 
 from flask import jsonify
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from chatapp import logs
@@ -146,6 +147,13 @@ def handle_database_error(error: DBAPIError):
     return handle_unexpected(error)
 
 
+def handle_pool_timeout(_error: PoolTimeout):
+    # Every pooled connection is busy (a load spike): a short wait and a retry will do.
+    log.warning("database connection pool exhausted")
+    return error_response(503, "database_busy", "The server is busy; try again in a moment.",
+                          headers={"Retry-After": "1"})
+
+
 def handle_unexpected(error: Exception):
     if isinstance(error, HTTPException):
         return http_error_response(error)
@@ -157,4 +165,5 @@ def init_app(app) -> None:
     app.register_error_handler(ApiError, handle_api_error)
     app.register_error_handler(HTTPException, http_error_response)
     app.register_error_handler(DBAPIError, handle_database_error)
+    app.register_error_handler(PoolTimeout, handle_pool_timeout)
     app.register_error_handler(Exception, handle_unexpected)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import PG_URL, start_live_server, stop_live_server
+from tests.conftest import PG_URL, assert_error, start_live_server, stop_live_server
 from tests.fake_upstream import FakeUpstream
 from tests.test_chat_stream import Chat, inline
 
@@ -151,3 +151,18 @@ def test_full_image_disk_is_507_json_and_leaves_nothing_behind(app, api, alice, 
     assert statuses[-1] == 507 and set(statuses[:-1]) == {200}, statuses
     leftovers = [path.name for path in tiny_disk.rglob("*") if path.is_file() and path.name.startswith(".upload")]
     assert leftovers == []  # the half-written temp file was removed
+
+
+@pytest.mark.app_settings(DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=0.2)
+def test_an_exhausted_connection_pool_is_503_with_retry_after(app, api, alice):
+    from chatapp.extensions import db
+
+    with app.app_context():
+        held = db.engine.connect()  # the pool's only connection, taken
+        try:
+            response = api.get("user/me", token=alice.access)
+        finally:
+            held.close()
+    body = assert_error(response, 503, "database_busy")
+    assert response.headers["Retry-After"] == "1" and "busy" in body["message"]
+    assert api.get("user/me", token=alice.access).status_code == 200  # and fine once a connection is free

@@ -23,7 +23,8 @@ from gevent import GreenletExit
 from gevent.queue import Empty, Queue
 from sqlalchemy import and_, func, or_, update
 from sqlalchemy import select as select_rows
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, joinedload
 
 from chatapp import clock, logs, sse
@@ -36,6 +37,7 @@ from chatapp.storage import Storage
 
 log = logging.getLogger(__name__)
 STALE_GRACE_SECONDS = 60
+SAVE_ATTEMPTS = 4  # about 3 s of retries when the database is briefly busy or restarting
 
 
 @dataclass(frozen=True)
@@ -329,18 +331,27 @@ def _save(open_session: Callable[[], Session], turn: PreparedTurn, outcome: Outc
         "status": outcome.status, "finish_reason": outcome.finish_reason, "usage": outcome.usage,
         "error_code": outcome.error.code if outcome.error else None, "worker": None, "updated_at": clock.now(),
     }
-    session = open_session()
-    try:
-        # One statement: the conversation's updated_at follows by trigger (migration 0002).
-        session.execute(update(Message).where(Message.id == turn.assistant_message_id).values(**values))
-        session.commit()
-    except Exception:
-        # The stream still ends properly; the row stays `streaming` and the reaper marks it incomplete.
-        session.rollback()
-        log.exception("could not store the reply %s", turn.assistant_message_id)
-        return
-    finally:
-        session.close()
+    for attempt in range(SAVE_ATTEMPTS):
+        session = open_session()
+        try:
+            # One statement: the conversation's updated_at follows by trigger (migration 0002).
+            session.execute(update(Message).where(Message.id == turn.assistant_message_id).values(**values))
+            session.commit()
+            break
+        except (PoolTimeout, OperationalError):
+            # A busy pool or a database restart: the text is all in memory, so wait a little and retry.
+            session.rollback()
+            if attempt + 1 == SAVE_ATTEMPTS:
+                log.exception("could not store the reply %s", turn.assistant_message_id)
+                return
+            gevent.sleep(0.5 * (attempt + 1))
+        except Exception:
+            # The stream still ends properly; the row stays `streaming` and the reaper marks it incomplete.
+            session.rollback()
+            log.exception("could not store the reply %s", turn.assistant_message_id)
+            return
+        finally:
+            session.close()
     log.info("reply stored", extra={"assistant_message_id": turn.assistant_message_id, "status": outcome.status,
                                     "finish_reason": outcome.finish_reason, "chars": len(values["content"])})
 
