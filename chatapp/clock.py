@@ -66,12 +66,33 @@ def new_id() -> str:
 
 def process_tag() -> str:
     """Identifies this worker process in rows it owns (streaming messages): host:pid:start."""
-    return f"{os.uname().nodename}:{os.getpid()}:{_process_start()}"
+    pid = os.getpid()
+    if _tag[0] != pid:  # once per process (a fork gets its own), not once per send
+        _tag[:] = [pid, f"{os.uname().nodename}:{pid}:{_process_start(pid) or 0}"]
+    return _tag[1]
 
 
-def _process_start() -> str:
+_tag: list = [None, ""]
+
+
+def worker_alive(tag: str | None) -> bool:
+    """Whether the process a tag names still runs; another host's is assumed alive (only age condemns it)."""
+    if not tag:
+        return False
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != os.uname().nodename:
+        return True
     try:
-        with open(f"/proc/{os.getpid()}/stat", encoding="ascii") as handle:
+        return _process_start(int(pid)) == started
+    except ValueError:
+        return False
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot: with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
             return handle.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return "0"
+    except (OSError, IndexError):
+        return None

@@ -10,7 +10,6 @@ second send is refused (409) by the database itself, across all workers.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import time
@@ -359,21 +358,6 @@ def _save(open_session: Callable[[], Session], turn: PreparedTurn, outcome: Outc
 # ------------------------------------------------------------------ the reaper
 
 
-def _worker_alive(tag: str | None) -> bool:
-    """A streaming row names its worker as host:pid:start; on this host we can tell if it still runs."""
-    if not tag:
-        return False
-    host, _, rest = tag.partition(":")
-    pid, _, started = rest.partition(":")
-    if host != os.uname().nodename:
-        return True  # another machine's worker: only age can condemn it
-    try:
-        with open(f"/proc/{int(pid)}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19] == started
-    except (OSError, ValueError, IndexError):
-        return False
-
-
 def reap_stale_streams(session: Session, *, conversation_id: str | None = None,
                        max_age_seconds: float | None = None) -> int:
     """Mark `streaming` rows whose worker is gone (or older than the stream limit) as incomplete."""
@@ -382,7 +366,7 @@ def reap_stale_streams(session: Session, *, conversation_id: str | None = None,
         query = query.where(Message.conversation_id == conversation_id)
     cutoff = clock.now() - timedelta(seconds=max_age_seconds) if max_age_seconds is not None else None
     stale = [row.id for row in session.execute(query)
-             if not _worker_alive(row.worker) or (cutoff is not None and row.created_at < cutoff)]
+             if not clock.worker_alive(row.worker) or (cutoff is not None and row.created_at < cutoff)]
     if stale:
         session.execute(update(Message).where(Message.id.in_(stale), Message.status == "streaming").values(
             status="incomplete", finish_reason="cancelled", worker=None, updated_at=clock.now()))
