@@ -17,10 +17,6 @@ def now() -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-def timestamp() -> float:
-    return time.time() + _offset
-
-
 def travel(seconds: float) -> None:
     """Test hook: shift the clock forward (or back with a negative value)."""
     global _offset

@@ -50,10 +50,6 @@ class ApiError(Exception):
             self.status = status
 
 
-class BadRequest(ApiError):
-    status = 400
-
-
 class Unauthorized(ApiError):
     status = 401
 

@@ -14,7 +14,7 @@ import hmac
 from datetime import timedelta
 
 from flask import current_app, g, request
-from flask_jwt_extended import create_access_token, create_refresh_token, get_jwt
+from flask_jwt_extended import create_access_token, create_refresh_token
 from sqlalchemy import update
 
 from chatapp import clock
@@ -141,7 +141,3 @@ def init_app(app) -> None:
     jwt.needs_fresh_token_loader(_unauthorized("token_not_fresh", "A fresh token is required."))
     jwt.user_lookup_error_loader(_unauthorized("token_revoked", "The token has been revoked."))
     jwt.token_verification_failed_loader(_unauthorized("token_invalid", "The token is invalid."))
-
-
-def claims() -> dict:
-    return get_jwt()

@@ -196,14 +196,14 @@ def update(session: Session, keyring: KeyRing, guard: OutboundGuard, *, user_id:
 
 def delete_many(session: Session, user_id: str, ids: list[str]) -> list[str]:
     """Deletes the caller's configs among `ids`; others' and unknown ids are ignored, never revealed."""
-    owned = list(session.scalars(select(ModelConfig.id).where(ModelConfig.user_id == user_id,
-                                                              ModelConfig.id.in_(set(ids)))))
+    owned = set(session.scalars(select(ModelConfig.id).where(ModelConfig.user_id == user_id,
+                                                             ModelConfig.id.in_(set(ids)))))
     if owned:
         # Explicit, so SQLite without foreign-key enforcement behaves like PostgreSQL's ON DELETE SET NULL.
         session.execute(Conversation.__table__.update().where(Conversation.model_config_id.in_(owned))
                         .values(model_config_id=None))
         session.execute(delete(ModelConfig).where(ModelConfig.id.in_(owned)))
-    return [config_id for config_id in dict.fromkeys(ids) if config_id in set(owned)]
+    return [config_id for config_id in dict.fromkeys(ids) if config_id in owned]
 
 
 def rotate_keys(session: Session, keyring: KeyRing) -> tuple[int, list[str]]:
