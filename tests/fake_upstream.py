@@ -343,8 +343,11 @@ class _Handler(BaseHTTPRequestHandler):
             data = raw.encode()
             if chunked:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
+            # Stamped as the write starts: the client can get the bytes before sendall returns, so a stamp taken
+            # after it could fall after the client's receipt and make the measured lag negative.
+            sent_at = time.monotonic()
             self.wfile.write(data)  # unbuffered socket writer: one sendall per event
-            rec.events.append((time.monotonic(), kind, text))
+            rec.events.append((sent_at, kind, text))
 
         def event(kind: str, text: str, obj: dict[str, Any]) -> None:
             payload = json.dumps(obj, indent=1) if beh.multiline else json.dumps(obj)
