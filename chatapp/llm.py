@@ -15,7 +15,9 @@ generator (or killing the greenlet that reads it) closes the upstream connection
 from __future__ import annotations
 
 import json
+import socket
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
@@ -27,7 +29,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
 __all__ = [
-    "Completion", "ContentDelta", "Finish", "LLMClient", "LLMError", "ReasoningDelta", "SSEDecoder", "StreamEvent",
+    "ChatStream", "Completion", "ContentDelta", "Finish", "LLMClient", "LLMError", "ReasoningDelta", "SSEDecoder", "StreamEvent",
 ]
 
 READ_SIZE = 65536
@@ -269,6 +271,263 @@ def _read_body(resp: requests.Response, limit: int, deadline: float | None = Non
     return b"".join(parts)
 
 
+class _Chunked:
+    """Transfer-Encoding: chunked, decoded incrementally: feed(bytes) returns the body bytes they held."""
+
+    __slots__ = ("_blank", "_head", "_left", "_trailers", "done")
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._left = 0  # body bytes still due in the current chunk
+        self._blank = False  # the line ending a chunk's data is due
+        self._trailers = False  # after the last (zero) chunk: trailer lines until a blank one
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._head + data if self._head else data
+        out: list[bytes] = []
+        pos, size = 0, len(buf)
+        while pos < size and not self.done:
+            if self._left:
+                take = min(self._left, size - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self._left -= take
+                self._blank = not self._left
+                continue
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if size - pos > 4096:
+                    raise _malformed()
+                break
+            line = buf[pos:end].strip()
+            pos = end + 1
+            if self._blank:
+                if line:
+                    raise _malformed()
+                self._blank = False
+            elif self._trailers:
+                self.done = not line
+            else:
+                try:
+                    length = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise _malformed() from None
+                if length < 0:
+                    raise _malformed()
+                self._left = length
+                self._trailers = length == 0
+        self._head = buf[pos:] if pos < size and not self.done else b""
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+class _Sized:
+    """Content-Length: the body is the next `length` bytes."""
+
+    __slots__ = ("_left", "done")
+
+    def __init__(self, length: int) -> None:
+        self._left = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        data = data[:self._left]
+        self._left -= len(data)
+        self.done = not self._left
+        return data
+
+
+class _UntilClose:
+    """No length, no chunking: the body ends when the server closes the connection."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+
+class ChatStream:
+    """An open streamed answer, read straight off its connection's socket.
+
+    requests sends the request and parses the status line and headers; the body is then read here, one
+    recv() at a time, with the framing (chunked, sized or close-delimited) decoded by our own small state
+    machine. Owning the framing is what makes ``read(wait)`` safe to time out: http.client's file object
+    is dead after one timeout, ours simply tries again. That lets the relay send keep-alive pings while
+    the model is silent from the same greenlet that reads, with no reader greenlet and queue per stream,
+    and every recv() is passed on at once (no buffering of close-delimited bodies).
+    """
+
+    def __init__(self, resp: requests.Response | None, api_key: str | None, idle_timeout: float,
+                 events: list[StreamEvent] | None = None) -> None:
+        self._resp = resp
+        self._api_key = api_key
+        self._idle_timeout = idle_timeout
+        self._events = events  # a non-streamed answer, already complete
+        self._decoder = SSEDecoder()
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._last_data = time.monotonic()
+        self._sock: Any = None
+        self._body: _Chunked | _Sized | _UntilClose | None = None
+        self._zlib: Any = None
+        self._pending = b""
+        self._failed: LLMError | None = None
+        self.finished = False
+        if resp is not None:
+            self._take_over(resp)
+
+    def _take_over(self, resp: requests.Response) -> None:
+        raw = resp.raw
+        head = raw._fp  # http.client's response: status and headers parsed, body untouched (stream=True)
+        # Its file object's socket: for a close-delimited answer http.client has already handed the socket
+        # over from the connection to the response, so this is the one place it always is.
+        self._sock = getattr(getattr(getattr(head, "fp", None), "raw", None), "_sock", None)
+        if self._sock is None:
+            raise _dropped()
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, detected
+        elif encoding not in ("", "identity"):
+            raise LLMError("upstream_error", f"The model server sent an unsupported encoding ({encoding[:40]}).")
+        if head.chunked:
+            self._body = _Chunked()
+        elif head.length is not None:
+            self._body = _Sized(head.length)
+        else:
+            self._body = _UntilClose()
+        # Body bytes that arrived with the headers sit in http.client's buffer: take them without waiting.
+        self._sock.settimeout(0.0)
+        try:
+            self._pending = head.fp.read1(READ_SIZE) or b""
+        except OSError:
+            self._pending = b""
+
+    def interrupt(self) -> None:
+        """From another greenlet or a callback: a read blocked on this stream returns at once."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def read(self, wait: float) -> list[StreamEvent] | None:
+        """The events that the next recv() completed (maybe none), Finish last; None if `wait` passed first.
+
+        Raises LLMError: upstream_timeout once the upstream has been silent for the idle timeout,
+        upstream_error when it drops the connection or sends something malformed.
+        """
+        if self.finished:
+            return []
+        if self._failed is not None:
+            self.finished = True
+            raise self._failed
+        if self._events is not None:
+            self.finished = True
+            return self._events
+        if self._pending:
+            data, self._pending = self._pending, b""
+        else:
+            self._sock.settimeout(wait)
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except TimeoutError:
+                if time.monotonic() - self._last_data < self._idle_timeout:
+                    return None
+                return self._end(_timed_out(), [])
+            except OSError:
+                return self._end(_dropped(), [])
+            self._last_data = time.monotonic()
+        return self._events_of(data)
+
+    def _events_of(self, data: bytes) -> list[StreamEvent]:
+        body = self._body
+        assert body is not None
+        if data:
+            text = body.feed(data)
+            if self._zlib is not None and text:
+                try:
+                    text = self._zlib.decompress(text)
+                except zlib.error:
+                    raise _malformed() from None
+            payloads = self._decoder.feed(text) if text else []
+            if body.done:
+                payloads += self._decoder.close()
+        else:
+            payloads = self._decoder.close()
+        events: list[StreamEvent] = []
+        for payload in payloads:
+            if payload == b"[DONE]":
+                self._release()
+                events.append(Finish(self._finish, self._usage))
+                self.finished = True
+                return events
+            try:
+                reasoning, content, finish, usage = _parse_chunk(payload, self._api_key)
+            except LLMError as error:
+                return self._fail(error, events)
+            if reasoning:
+                events.append(ReasoningDelta(reasoning))
+            if content:
+                events.append(ContentDelta(content))
+            if finish:
+                self._finish = finish
+            if usage:
+                self._usage = usage
+        if not data or body.done:
+            if data:
+                self._release()
+            return self._end(_dropped(), events)
+        return events
+
+    def _end(self, error: LLMError, events: list[StreamEvent]) -> list[StreamEvent]:
+        """The body ended (or a read failed) without [DONE]: normal if a finish_reason came, else `error`."""
+        if self._finish is None:
+            return self._fail(error, events)
+        self.finished = True
+        return [*events, Finish(self._finish, self._usage)]
+
+    def _fail(self, error: LLMError, events: list[StreamEvent]) -> list[StreamEvent]:
+        """Raise `error`, but only after handing out the events this read completed before it."""
+        if events:
+            self._failed = error  # raised by the next read()
+            return events
+        self.finished = True
+        raise error
+
+    def _release(self) -> None:
+        """After [DONE]: read to the body's end (briefly) so the connection can go back to the pool."""
+        body, resp = self._body, self._resp
+        if body is None or resp is None or isinstance(body, _UntilClose):
+            return
+        try:
+            self._sock.settimeout(DRAIN_TIMEOUT)
+            for _ in range(16):
+                if body.done:
+                    break
+                data = self._sock.recv(READ_SIZE)
+                if not data:
+                    return
+                body.feed(data)
+        except (OSError, LLMError):
+            return
+        if body.done and not resp.raw._fp.will_close:
+            # http.client must see its response closed, or the connection refuses the next request.
+            resp.raw._fp.close()
+            resp.raw.release_conn()
+
+    def close(self) -> None:
+        """Give the connection back if the body was read to its end, else close it (the upstream sees it)."""
+        if self._resp is not None:
+            self._resp.close()
+            self._resp = None
+            self._sock = None
+        self.finished = True
+
+
 class LLMClient:
     """One pooled requests.Session shared by every call (safe for many concurrent streams)."""
 
@@ -331,6 +590,22 @@ class LLMClient:
         params: dict[str, Any] | None = None,
     ) -> Iterator[StreamEvent]:
         """Yield ReasoningDelta/ContentDelta as the upstream sends them, then one Finish; raise LLMError."""
+        stream = self.open_stream(base_url, api_key, model, messages, params)
+        try:
+            while not stream.finished:
+                yield from stream.read(self.read_timeout) or ()
+        finally:
+            stream.close()
+
+    def open_stream(
+        self,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+    ) -> ChatStream:
+        """Send the request and return the open answer (status and headers checked); raise LLMError."""
         body = {**(params or {}), "model": model, "messages": messages, "stream": True,
                 "stream_options": {"include_usage": True}}
         resp = self._post(base_url, api_key, body, self.read_timeout, "text/event-stream")
@@ -338,68 +613,16 @@ class LLMClient:
             if resp.headers.get("Content-Type", "").startswith("application/json"):
                 # A server that ignores "stream": true answers one completion; relay it all at once.
                 completion = self._parse_completion(_read_body(resp, MAX_COMPLETION_BODY), api_key)
-                if completion.reasoning:
-                    yield ReasoningDelta(completion.reasoning)
+                resp.close()
+                events: list[StreamEvent] = [ReasoningDelta(completion.reasoning)] if completion.reasoning else []
                 if completion.text:
-                    yield ContentDelta(completion.text)
-                yield Finish(completion.finish_reason, completion.usage)
-                return
-            yield from self._events(resp, api_key)
-        finally:
-            resp.close()  # no-op once the connection went back to the pool; else drops it
-
-    def _events(self, resp: requests.Response, api_key: str | None) -> Iterator[StreamEvent]:
-        # urllib3's read1() returns whatever one recv() brought, for chunked and close-delimited bodies
-        # alike; iter_content/iter_lines/stream() would wait for a full buffer or the end of the body.
-        read1 = resp.raw.read1
-        decode = "content-encoding" in resp.headers
-        decoder = SSEDecoder()
-        finish: str | None = None
-        usage: dict[str, Any] | None = None
-        while True:
-            try:
-                chunk = read1(READ_SIZE, decode)
-            except ReadTimeoutError:
-                if finish is not None:
-                    break
-                raise _timed_out() from None
-            except (Urllib3Error, OSError):
-                if finish is not None:
-                    break
-                raise _dropped() from None
-            for payload in (decoder.feed(chunk) if chunk else decoder.close()):
-                if payload == b"[DONE]":
-                    self._release(resp, decode)
-                    yield Finish(finish, usage)
-                    return
-                reasoning, content, chunk_finish, chunk_usage = _parse_chunk(payload, api_key)
-                if reasoning:
-                    yield ReasoningDelta(reasoning)
-                if content:
-                    yield ContentDelta(content)
-                if chunk_finish:
-                    finish = chunk_finish
-                if chunk_usage:
-                    usage = chunk_usage
-            if not chunk:
-                break
-        if finish is None:
-            raise _dropped()
-        yield Finish(finish, usage)
-
-    @staticmethod
-    def _release(resp: requests.Response, decode: bool) -> None:
-        """After [DONE], read the body's end so urllib3 pools the connection; give up quickly."""
-        raw = resp.raw
-        sock = getattr(raw.connection, "sock", None)
-        try:
-            if sock is not None:
-                sock.settimeout(DRAIN_TIMEOUT)  # urllib3 resets the timeout when it reuses the connection
-            for _ in range(16):
-                if not raw.read1(READ_SIZE, decode):
-                    return  # end of body: urllib3 has released the connection to the pool
-        except (Urllib3Error, OSError):
-            pass
+                    events.append(ContentDelta(completion.text))
+                events.append(Finish(completion.finish_reason, completion.usage))
+                return ChatStream(None, api_key, self.read_timeout, events)
+            return ChatStream(resp, api_key, self.read_timeout)
+        except BaseException:
+            resp.close()
+            raise
 
     def complete(
         self,

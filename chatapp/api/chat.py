@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import current_app, request
 from flask_jwt_extended import current_user, jwt_required
 from flask_smorest import Blueprint
-from sqlalchemy.orm import Session
 
 from chatapp import sse
 from chatapp.deps import deps, storage
@@ -81,5 +80,5 @@ def send(data):
                              limits=chat.ChatLimits.from_config(config))
     engine = db.engine
     db.session.remove()  # the stream must not hold a connection while it waits on the model
-    return sse.response(chat.relay(turn, services.llm, lambda: Session(engine), chat.RelaySettings.from_config(config),
+    return sse.response(chat.relay(turn, services.llm, engine, chat.RelaySettings.from_config(config),
                                    client_socket=request.environ.get("gunicorn.socket")))

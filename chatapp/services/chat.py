@@ -10,7 +10,6 @@ second send is refused (409) by the database itself, across all workers.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -19,16 +18,15 @@ from datetime import timedelta
 
 import gevent
 from gevent import GreenletExit
-from gevent.queue import Empty, Queue
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import Engine, and_, bindparam, func, or_, update
 from sqlalchemy import select as select_rows
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, joinedload
 
-from chatapp import clock, logs, sse
+from chatapp import clock, sse
 from chatapp.errors import Conflict, NotFound, TooManyRequests
-from chatapp.llm import ContentDelta, Finish, LLMClient, LLMError, ReasoningDelta
+from chatapp.llm import ChatStream, ContentDelta, LLMClient, LLMError, ReasoningDelta
 from chatapp.models import Conversation, Message
 from chatapp.services import content as contents
 from chatapp.services.model_configs import ModelSource
@@ -197,17 +195,48 @@ class Outcome:
     error: LLMError | None = None
 
 
-_END = object()
-_CLIENT_GONE = object()
-_SHUTDOWN = object()
-_active_inboxes: set[Queue] = set()  # this worker's running relays, for end_all_streams()
+class _Stopped(BaseException):
+    """Thrown into a relay still waiting for the upstream's headers when it must stop (BaseException, like
+    GreenletExit, so that no `except Exception` on the way swallows it)."""
+
+
+class _RelayControl:
+    """A running relay's stop switch, flipped from outside its greenlet (client watcher, worker shutdown).
+
+    No greenlet of its own: a stop interrupts the upstream read (socket shutdown) so the relay's loop sees
+    `reason` at once; while the request is still being sent, it is thrown into the relay's greenlet.
+    """
+
+    __slots__ = ("greenlet", "opening", "reason", "stream")
+
+    def __init__(self) -> None:
+        self.greenlet = gevent.getcurrent()
+        self.opening = False
+        self.reason: str | None = None
+        self.stream: ChatStream | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        if self.stream is not None:
+            self.stream.interrupt()
+        elif self.opening:
+            gevent.get_hub().loop.run_callback(self._abort_opening)
+
+    def _abort_opening(self) -> None:
+        if self.opening:  # still suspended inside open_stream(), so that is where this lands
+            self.greenlet.throw(_Stopped())
+
+
+_running: set[_RelayControl] = set()  # this worker's running relays, for end_all_streams()
 
 
 def end_all_streams() -> int:
     """Worker shutdown: every running relay saves what it has (incomplete) and ends its stream properly."""
-    for inbox in list(_active_inboxes):
-        inbox.put(_SHUTDOWN)
-    return len(_active_inboxes)
+    for control in list(_running):
+        control.stop("shutdown")
+    return len(_running)
 
 
 @dataclass(frozen=True)
@@ -220,69 +249,86 @@ class RelaySettings:
         return cls(config["SSE_PING_SECONDS"], config["STREAM_MAX_SECONDS"])
 
 
-def relay(turn: PreparedTurn, llm: LLMClient, open_session: Callable[[], Session], settings: RelaySettings,
+def relay(turn: PreparedTurn, llm: LLMClient, engine: Engine, settings: RelaySettings,
           client_socket: socket.socket | None = None) -> Iterator[bytes]:
-    """The SSE byte stream for one turn. Closing it (the client left) stops the upstream at once."""
+    """The SSE byte stream for one turn. Closing it (the client left) stops the upstream at once.
+
+    One greenlet does it all: it reads the upstream with a timeout of at most the ping interval, so
+    silence turns into pings, and writes each read's events in one piece.
+    """
     ids = {"conversation_id": turn.conversation_id, "user_message_id": turn.user_message_id,
            "assistant_message_id": turn.assistant_message_id}
     outcome = Outcome()
-    inbox: Queue = Queue()
-    reader = logs.spawn(_read_upstream, llm, turn, inbox)
-    watcher = logs.spawn(_watch_client, client_socket, inbox) if client_socket is not None else None
+    control = _RelayControl()
+    watcher = _watch_client(client_socket, control) if client_socket is not None else None
     deadline = time.monotonic() + settings.max_seconds
-    client_present = True
-    _active_inboxes.add(inbox)
+    _running.add(control)
     try:
         yield sse.event("message.created", ids)
-        while True:
-            try:
-                item = inbox.get(timeout=min(settings.ping_seconds, max(0.0, deadline - time.monotonic())))
-            except Empty:
-                if time.monotonic() >= deadline:
-                    outcome.error = LLMError("stream_timeout", "The reply took longer than the server allows.")
-                    break
+        source = turn.source
+        control.opening = True
+        try:
+            if control.reason is None:
+                control.stream = llm.open_stream(source.base_url, source.api_key, source.model,
+                                                 turn.model_messages, source.params)
+        finally:
+            control.opening = False
+        stream = control.stream
+        while stream is not None and control.reason is None and not stream.finished:
+            wait = min(settings.ping_seconds, deadline - time.monotonic())
+            if wait <= 0:
+                outcome.error = LLMError("stream_timeout", "The reply took longer than the server allows.")
+                break
+            events = stream.read(wait)
+            if control.reason is not None:
+                break
+            if events is None:
                 yield sse.PING
                 continue
-            if type(item) is ContentDelta:
-                text = _storable_text(item.text)
-                outcome.content.append(text)
-                yield sse.event("content.delta", {"delta": text})
-            elif type(item) is ReasoningDelta:
-                text = _storable_text(item.text)
-                outcome.reasoning.append(text)
-                yield sse.event("reasoning.delta", {"delta": text})
-            elif type(item) is Finish:
-                outcome.status, outcome.finish_reason, outcome.usage = "completed", item.reason or "stop", item.usage
-            elif isinstance(item, LLMError):
-                outcome.error = item
-                break
-            elif item is _END:
-                break
-            elif item is _CLIENT_GONE:
-                client_present = False
-                break
-            elif item is _SHUTDOWN:
-                break  # saved as incomplete / cancelled, the Outcome default
-        if outcome.error is not None:
-            outcome.status, outcome.finish_reason = "failed", "error"
-            yield sse.event("error", {"code": outcome.error.code, "message": outcome.error.message})
+            out = []
+            for item in events:
+                if type(item) is ContentDelta:
+                    text = _storable_text(item.text)
+                    outcome.content.append(text)
+                    out.append(sse.event("content.delta", {"delta": text}))
+                elif type(item) is ReasoningDelta:
+                    text = _storable_text(item.text)
+                    outcome.reasoning.append(text)
+                    out.append(sse.event("reasoning.delta", {"delta": text}))
+                else:
+                    outcome.status, outcome.finish_reason, outcome.usage = "completed", item.reason or "stop", item.usage
+            if out:
+                yield out[0] if len(out) == 1 else b"".join(out)
+    except _Stopped:
+        pass
+    except LLMError as error:
+        if control.reason is None:  # not the read we interrupted ourselves
+            outcome.error = error
     except GeneratorExit:
-        client_present = False  # gunicorn closes us when a write fails: the client has gone
+        control.reason = "client_gone"  # gunicorn closes us when a write fails: the client has gone
         raise
     except GreenletExit:
         # The worker is stopping: past its graceful timeout gunicorn kills the handlers. Save what arrived
         # (incomplete, the Outcome default) and still end the stream, so the client knows where it stopped.
         pass
+    except Exception:  # a bug here must still end the stream cleanly, and save what came
+        log.exception("relay failed")
+        outcome.error = LLMError("upstream_error", "The reply could not be read.")
     finally:
-        _active_inboxes.discard(inbox)
-        # Stop reading first, so what is saved is final and the upstream sees the disconnect now.
-        reader.kill(block=False)
+        _running.discard(control)
         if watcher is not None:
-            watcher.kill(block=False)
-        if client_present is False and outcome.status != "completed":
+            watcher.close()
+        # Stop reading first, so what is saved is final and the upstream sees the disconnect now.
+        if control.stream is not None:
+            control.stream.close()
+        if outcome.error is not None:
+            outcome.status, outcome.finish_reason = "failed", "error"
+        elif control.reason == "client_gone" and outcome.status != "completed":
             outcome.status, outcome.finish_reason = "incomplete", "cancelled"
-        _save(open_session, turn, outcome)
-    if client_present:
+        _save(engine, turn, outcome)
+    if control.reason != "client_gone":
+        if outcome.error is not None:
+            yield sse.event("error", {"code": outcome.error.code, "message": outcome.error.message})
         yield sse.event("message.completed", {**ids, "status": outcome.status,
                                               "finish_reason": outcome.finish_reason, "usage": outcome.usage})
 
@@ -298,61 +344,75 @@ def _storable_text(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def _read_upstream(llm: LLMClient, turn: PreparedTurn, inbox: Queue) -> None:
-    source = turn.source
+class _ClientWatch:
+    """Notices a client that hung up while the model is silent (otherwise only the next write would).
+
+    A bare event-loop watcher on the client's socket rather than a greenlet: it costs no stack per stream.
+    """
+
+    __slots__ = ("_control", "_socket", "_watcher")
+
+    def __init__(self, client_socket: socket.socket, control: _RelayControl) -> None:
+        self._socket, self._control = client_socket, control
+        self._watcher = gevent.get_hub().loop.io(client_socket.fileno(), 1)
+        self._watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        try:
+            gone = self._socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return
+        except OSError:
+            gone = True
+        self._watcher.stop()  # gone, or the client sent something: either way, nothing more to watch
+        if gone:
+            self._control.stop("client_gone")
+
+    def close(self) -> None:
+        self._watcher.stop()
+        self._watcher.close()
+
+
+def _watch_client(client_socket: socket.socket, control: _RelayControl) -> _ClientWatch | None:
     try:
-        for stream_event in llm.stream_chat(source.base_url, source.api_key, source.model, turn.model_messages,
-                                            source.params):
-            inbox.put(stream_event)
-        inbox.put(_END)
-    except LLMError as error:
-        inbox.put(error)
-    except Exception:  # a bug here must still end the stream cleanly
-        log.exception("upstream reader failed")
-        inbox.put(LLMError("upstream_error", "The reply could not be read."))
+        return _ClientWatch(client_socket, control)
+    except (OSError, ValueError):  # a socket already closed: the first write will tell
+        return None
 
 
-def _watch_client(client_socket: socket.socket, inbox: Queue) -> None:
-    """Notice a client that hung up while the model is silent (otherwise only the next write would)."""
-    try:
-        fileno = client_socket.fileno()
-        gevent.socket.wait_read(fileno)
-        ready, _, _ = select.select([fileno], [], [], 0)
-        if ready and client_socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-            inbox.put(_CLIENT_GONE)
-    except OSError:
-        inbox.put(_CLIENT_GONE)
-
-
-def _save(open_session: Callable[[], Session], turn: PreparedTurn, outcome: Outcome) -> None:
+def _save(engine: Engine, turn: PreparedTurn, outcome: Outcome) -> None:
     values = {
+        "message_id": turn.assistant_message_id,
         "content": "".join(outcome.content), "reasoning_content": "".join(outcome.reasoning) or None,
         "status": outcome.status, "finish_reason": outcome.finish_reason, "usage": outcome.usage,
-        "error_code": outcome.error.code if outcome.error else None, "worker": None, "updated_at": clock.now(),
+        "error_code": outcome.error.code if outcome.error else None, "updated_at": clock.now(),
     }
     for attempt in range(SAVE_ATTEMPTS):
-        session = open_session()
         try:
-            # One statement: the conversation's updated_at follows by trigger (migration 0002).
-            session.execute(update(Message).where(Message.id == turn.assistant_message_id).values(**values))
-            session.commit()
+            # One statement on a bare connection (no ORM session: this runs once per reply, on the hot path);
+            # the conversation's updated_at follows by trigger (migration 0002).
+            with engine.begin() as connection:
+                connection.execute(_SAVE_REPLY, values)
             break
         except (PoolTimeout, OperationalError):
             # A busy pool or a database restart: the text is all in memory, so wait a little and retry.
-            session.rollback()
             if attempt + 1 == SAVE_ATTEMPTS:
                 log.exception("could not store the reply %s", turn.assistant_message_id)
                 return
             gevent.sleep(0.5 * (attempt + 1))
         except Exception:
             # The stream still ends properly; the row stays `streaming` and the reaper marks it incomplete.
-            session.rollback()
             log.exception("could not store the reply %s", turn.assistant_message_id)
             return
-        finally:
-            session.close()
     log.info("reply stored", extra={"assistant_message_id": turn.assistant_message_id, "status": outcome.status,
                                     "finish_reason": outcome.finish_reason, "chars": len(values["content"])})
+
+
+_SAVE_REPLY = (update(Message.__table__).where(Message.__table__.c.id == bindparam("message_id"))
+               .values(content=bindparam("content"), reasoning_content=bindparam("reasoning_content"),
+                       status=bindparam("status"), finish_reason=bindparam("finish_reason"),
+                       usage=bindparam("usage"), error_code=bindparam("error_code"), worker=None,
+                       updated_at=bindparam("updated_at")))
 
 
 # ------------------------------------------------------------------ the reaper
