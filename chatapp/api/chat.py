@@ -72,11 +72,12 @@ def get_history(args, conversation_id):
 def send(data):
     """Store the user's message and stream the model's reply as Server-Sent Events."""
     services, config = deps(), current_app.config
-    conversation = chat.load_for_send(db.session, current_user.id, data["conversation_id"],
-                                      max_streams=config["STREAMS_PER_USER"])
+    target = chat.load_for_send(db.session, current_user.id, data["conversation_id"],
+                                config_id=data.get("model_config_id"), max_streams=config["STREAMS_PER_USER"],
+                                context_messages=0 if "messages" in data else config["CONTEXT_MAX_MESSAGES"])
     source = model_configs.resolve_source(db.session, services.keyring, services.guard, user_id=current_user.id,
-                                          data=data, conversation=conversation)
-    turn = chat.prepare_turn(db.session, storage(), conversation=conversation, source=source, data=data,
+                                          data=data, conversation=target, loaded=target.config)
+    turn = chat.prepare_turn(db.session, storage(), target=target, source=source, data=data,
                              limits=chat.ChatLimits.from_config(config))
     engine = db.engine
     db.session.remove()  # the stream must not hold a connection while it waits on the model

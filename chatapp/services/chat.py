@@ -18,18 +18,18 @@ from datetime import timedelta
 
 import gevent
 from gevent import GreenletExit
-from sqlalchemy import Engine, and_, bindparam, func, or_, update
+from sqlalchemy import Engine, String, and_, bindparam, func, insert, or_, update
 from sqlalchemy import select as select_rows
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session
 
 from chatapp import clock, sse
 from chatapp.errors import Conflict, NotFound, TooManyRequests
 from chatapp.llm import ChatStream, ContentDelta, LLMClient, LLMError, ReasoningDelta
-from chatapp.models import Conversation, Message
+from chatapp.models import Conversation, Message, ModelConfig
 from chatapp.services import content as contents
-from chatapp.services.model_configs import ModelSource
+from chatapp.services.model_configs import ModelSource, StoredConfig
 from chatapp.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -95,21 +95,59 @@ def _presigner(storage: Storage, seconds: int) -> Callable[[str], str]:
 # ------------------------------------------------------------------ send: before the stream
 
 
-def load_for_send(session: Session, user_id: str, conversation_id: str, *, max_streams: int) -> Conversation:
-    """The conversation with its model config, in one statement that also counts the user's running streams."""
-    streaming = (select_rows(func.count()).select_from(Message)
-                 .join(Conversation, Conversation.id == Message.conversation_id)
-                 .where(Message.status == "streaming", Conversation.user_id == user_id).scalar_subquery())
-    row = session.execute(select_rows(Conversation, streaming)
-                          .options(joinedload(Conversation.model_config))
-                          .where(Conversation.id == conversation_id, Conversation.user_id == user_id)).first()
-    if row is None:
+@dataclass(frozen=True)
+class SendTarget:
+    """What one send needs from the database, read in one statement."""
+
+    conversation_id: str
+    user_id: str
+    model_config_id: str | None
+    config: StoredConfig | None  # the config the send names (or the conversation's), if it is the caller's
+    context: list[dict] = field(repr=False)  # stored messages, newest first (up to the context limit)
+
+
+def load_for_send(session: Session, user_id: str, conversation_id: str, *, config_id: str | None,
+                  max_streams: int, context_messages: int) -> SendTarget:
+    """The conversation, its model config, the newest stored messages and the user's running streams: one
+    statement, a row per context message (one row when there are none)."""
+    rows = session.execute(_LOAD_FOR_SEND, {"user_id": user_id, "conversation_id": conversation_id,
+                                            "config_id": config_id, "context": context_messages}).all()
+    if not rows:
         raise NotFound.of("conversation")
-    conversation, running = row
-    if running >= max_streams:
+    first = rows[0]
+    if first.running >= max_streams:
         raise TooManyRequests("too_many_streams", f"At most {max_streams} replies may stream at once; "
                               "wait for one to finish.", headers={"Retry-After": "1"})
-    return conversation
+    config = None
+    if first.config_id is not None:
+        config = StoredConfig(first.config_id, first.user_id, first.config_base_url, first.config_model,
+                              first.config_api_key_encrypted, first.config_params)
+    context = [{"role": row.role, "content": row.content} for row in rows if row.role is not None]
+    return SendTarget(first.id, first.user_id, first.model_config_id, config, context)
+
+
+def _load_for_send_statement():
+    c, mc, m = Conversation.__table__.c, ModelConfig.__table__.c, Message.__table__.c
+    running = (select_rows(func.count()).select_from(Message.__table__.join(
+        Conversation.__table__, Conversation.__table__.c.id == m.conversation_id))
+        .where(m.status == "streaming", c.user_id == bindparam("user_id")).scalar_subquery())
+    newest = (select_rows(m.id).where(m.conversation_id == bindparam("conversation_id"),
+                                      m.status.in_(("completed", "incomplete")))
+              .order_by(m.created_at.desc(), m.id.desc()).limit(bindparam("context")))
+    return (select_rows(c.id, c.user_id, c.model_config_id, running.label("running"),
+                        mc.id.label("config_id"), mc.base_url.label("config_base_url"),
+                        mc.model.label("config_model"), mc.api_key_encrypted.label("config_api_key_encrypted"),
+                        mc.params.label("config_params"), m.role, m.content)
+            .select_from(Conversation.__table__
+                         .outerjoin(ModelConfig.__table__,
+                                    and_(mc.id == func.coalesce(bindparam("config_id", type_=String), c.model_config_id),
+                                         mc.user_id == c.user_id))
+                         .outerjoin(Message.__table__, m.id.in_(newest)))
+            .where(c.id == bindparam("conversation_id"), c.user_id == bindparam("user_id"))
+            .order_by(m.created_at.desc(), m.id.desc()))
+
+
+_LOAD_FOR_SEND = _load_for_send_statement()
 
 
 @dataclass
@@ -121,60 +159,57 @@ class PreparedTurn:
     model_messages: list[dict] = field(repr=False)
 
 
-def prepare_turn(session: Session, storage: Storage, *, conversation: Conversation, source: ModelSource,
+def prepare_turn(session: Session, storage: Storage, *, target: SendTarget, source: ModelSource,
                  data: dict, limits: ChatLimits) -> PreparedTurn:
     """Everything that can fail as a JSON error happens here, then the turn is committed."""
     new_message = data["message"] if "message" in data else data["messages"][-1]
     sent_context = [] if "message" in data else data["messages"][:-1]
 
     def stored_form(content):
-        return limits.stored_form(content, storage, user_id=conversation.user_id, conversation_id=conversation.id)
+        return limits.stored_form(content, storage, user_id=target.user_id, conversation_id=target.conversation_id)
 
     user_content = stored_form(new_message["content"])
     context = ([{"role": item.get("role", "user"), "content": stored_form(item["content"])} for item in sent_context]
-               if "messages" in data else _stored_context(session, conversation.id, limits))
+               if "messages" in data else _fitting_context(target.context, limits))
 
-    user_message = Message(id=clock.new_id(), conversation_id=conversation.id, role="user", content=user_content,
-                           status="completed")
-    assistant_message = Message(id=clock.new_id(), conversation_id=conversation.id, role="assistant", content="",
-                                status="streaming", model=source.model, worker=clock.process_tag())
-    _insert_turn(session, conversation, user_message, assistant_message,
-                 stale_after=limits.stream_max_seconds + STALE_GRACE_SECONDS)
+    user_id, assistant_id = clock.new_id(), clock.new_id()
+    _insert_turn(session, target.conversation_id, [
+        {"id": user_id, "conversation_id": target.conversation_id, "role": "user", "content": user_content,
+         "status": "completed", "model": None, "worker": None},
+        {"id": assistant_id, "conversation_id": target.conversation_id, "role": "assistant", "content": "",
+         "status": "streaming", "model": source.model, "worker": clock.process_tag()},
+    ], stale_after=limits.stream_max_seconds + STALE_GRACE_SECONDS)
 
     presign = _presigner(storage, limits.download_seconds)
     model_messages = [{"role": item["role"], "content": contents.to_urls(item["content"], presign)}
                       for item in [*context, {"role": "user", "content": user_content}]]
-    return PreparedTurn(conversation.id, user_message.id, assistant_message.id, source, model_messages)
+    return PreparedTurn(target.conversation_id, user_id, assistant_id, source, model_messages)
 
 
-def _stored_context(session: Session, conversation_id: str, limits: ChatLimits) -> list[dict]:
+def _fitting_context(newest_first: list[dict], limits: ChatLimits) -> list[dict]:
     """The newest stored messages that fit the budget, oldest first; failed and empty replies left out."""
-    rows = session.execute(
-        select_rows(Message.role, Message.content)
-        .where(Message.conversation_id == conversation_id, Message.status.in_(("completed", "incomplete")))
-        .order_by(Message.created_at.desc(), Message.id.desc()).limit(limits.context_messages)).all()
     context, budget = [], limits.context_chars
-    for role, content in rows:
-        budget -= contents.text_length(content)
+    for item in newest_first:
+        budget -= contents.text_length(item["content"])
         if budget < 0:
             break
-        if content:
-            context.append({"role": role, "content": content})
+        if item["content"]:
+            context.append(item)
     return context[::-1]
 
 
-def _insert_turn(session: Session, conversation: Conversation, *messages: Message, stale_after: float) -> None:
-    # conversations.updated_at follows by itself (a database trigger, migration 0002).
+def _insert_turn(session: Session, conversation_id: str, rows: list[dict], *, stale_after: float) -> None:
+    # One INSERT for both rows; conversations.updated_at follows by itself (a database trigger, migration 0002).
     for attempt in range(2):
-        session.add_all(messages)
         try:
+            session.execute(_INSERT_MESSAGES, rows)
             session.commit()
             return
         except IntegrityError:
             session.rollback()
             # Another reply is streaming here, unless its worker died (or, alive, outlived the stream limit
             # without saving, e.g. the final UPDATE failed): then free the conversation once.
-            if attempt or not reap_stale_streams(session, conversation_id=conversation.id,
+            if attempt or not reap_stale_streams(session, conversation_id=conversation_id,
                                                  max_age_seconds=stale_after):
                 raise Conflict("conversation_busy", "A reply is still streaming in this conversation.") from None
             session.commit()
@@ -408,6 +443,7 @@ def _save(engine: Engine, turn: PreparedTurn, outcome: Outcome) -> None:
                                     "finish_reason": outcome.finish_reason, "chars": len(values["content"])})
 
 
+_INSERT_MESSAGES = insert(Message.__table__)
 _SAVE_REPLY = (update(Message.__table__).where(Message.__table__.c.id == bindparam("message_id"))
                .values(content=bindparam("content"), reasoning_content=bindparam("reasoning_content"),
                        status=bindparam("status"), finish_reason=bindparam("finish_reason"),

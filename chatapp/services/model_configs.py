@@ -226,7 +226,7 @@ def rotate_keys(session: Session, keyring: KeyRing) -> tuple[int, list[str]]:
     return changed, unreadable
 
 
-def stored_api_key(keyring: KeyRing, config: ModelConfig) -> str | None:
+def stored_api_key(keyring: KeyRing, config: ModelConfig | StoredConfig) -> str | None:
     """The config's key in clear, or a clear refusal: a row whose ciphertext no configured key opens (moved
     from another row, or written under a key since dropped) must never reach the model with a wrong key."""
     if not config.api_key_encrypted:
@@ -241,6 +241,18 @@ def stored_api_key(keyring: KeyRing, config: ModelConfig) -> str | None:
 
 
 @dataclass(frozen=True)
+class StoredConfig:
+    """The columns of a model config that a send needs, when they were read without the ORM."""
+
+    id: str
+    user_id: str
+    base_url: str
+    model: str
+    api_key_encrypted: str | None = field(repr=False)
+    params: dict
+
+
+@dataclass(frozen=True)
 class ModelSource:
     base_url: str
     model: str
@@ -250,8 +262,10 @@ class ModelSource:
 
 
 def resolve_source(session: Session, keyring: KeyRing, guard: OutboundGuard, *, user_id: str, data: dict,
-                   conversation: Conversation | None) -> ModelSource:
-    """API.md's order: inline base_url + model; else model_config_id; else the conversation's config."""
+                   conversation: Conversation | None, loaded: StoredConfig | None = None) -> ModelSource:
+    """API.md's order: inline base_url + model; else model_config_id; else the conversation's config.
+
+    `loaded`: the config the caller already read for this choice (send reads it with the conversation)."""
     if data.get("base_url") or data.get("model"):
         if not (data.get("base_url") and data.get("model")):
             missing = "model" if data.get("base_url") else "base_url"
@@ -262,7 +276,7 @@ def resolve_source(session: Session, keyring: KeyRing, guard: OutboundGuard, *, 
     if not config_id:
         raise Unprocessable("model_not_configured", "Choose a model: send base_url and model, or a "
                             "model_config_id, or give the conversation a model config.")
-    config = get_owned(session, user_id, config_id)
+    config = loaded if loaded is not None and loaded.id == config_id else get_owned(session, user_id, config_id)
     api_key = stored_api_key(keyring, config)
     params = {**config.params, **check_params(data.get("params"))}
     return ModelSource(check_base_url(guard, config.base_url), config.model, api_key, params, config.id)
