@@ -1,7 +1,7 @@
 """Access + refresh token pairs bound to a login session, and the checks that make revocation real.
 
 Every token carries `sid` (its AuthSession) and `tv` (the user's token version). One query per
-authenticated request loads the session with its user; a token is dead when its session is revoked
+authenticated request reads the session and its user's token version; a token is dead when its session is revoked
 or expired, or when the user's token version moved on (password change). A refresh token is good only
 while its jti is the session's current one: presenting a spent one is treated as theft and revokes
 the whole session (RFC 6819 5.2.2.3, as microblog-api does).
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from datetime import timedelta
 
-from flask import current_app, g, request
-from flask_jwt_extended import create_access_token, create_refresh_token
-from sqlalchemy import update
+from flask import current_app, request
+from flask_jwt_extended import create_access_token, create_refresh_token, current_user
+from sqlalchemy import bindparam, select, update
 
 from chatapp import clock
 from chatapp.clock import new_id
@@ -80,28 +81,47 @@ def revoke(session: AuthSession, reason: str) -> None:
     session.revoked_reason = session.revoked_reason or reason
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """`current_user`: whom a verified, unrevoked token speaks for. Most endpoints need only the id, so the
+    ORM rows are loaded only by those that need them (current_session, current_user_record)."""
+
+    id: str
+    session_id: str
+
+
 def current_session() -> AuthSession:
-    """The session the verified token belongs to (loaded once by the blocklist check)."""
-    return g.auth_session
+    """The session the verified token belongs to, with its user (one statement; logout and refresh)."""
+    return db.session.get(AuthSession, current_user.session_id)
 
 
-def _load_session(payload: dict) -> AuthSession | None:
-    sid = payload.get("sid")
-    # Only our own key signs tokens, but a claim of the wrong shape must still mean "no session", not a 500.
-    session = db.session.get(AuthSession, sid) if isinstance(sid, str) else None
-    g.auth_session = session
-    return session
+def current_user_record() -> User:
+    """The verified token's user as a row to read or change."""
+    return db.session.get(User, current_user.id)
+
+
+def _session_check_statement():
+    sessions, users = AuthSession.__table__.c, User.__table__.c
+    return (select(sessions.user_id, sessions.revoked_at, sessions.expires_at, sessions.refresh_jti,
+                   users.token_version)
+            .join_from(AuthSession.__table__, User.__table__, users.id == sessions.user_id)
+            .where(sessions.id == bindparam("sid")))
+
+
+_SESSION_CHECK = _session_check_statement()  # built once: this runs on every authenticated request
 
 
 def _is_revoked(_header: dict, payload: dict) -> bool:
-    session = _load_session(payload)
-    if session is None or session.user_id != payload["sub"] or session.revoked_at is not None:
+    sid = payload.get("sid")
+    # Only our own key signs tokens, but a claim of the wrong shape must still mean "no session", not a 500.
+    row = db.session.execute(_SESSION_CHECK, {"sid": sid}).first() if isinstance(sid, str) else None
+    if row is None or row.user_id != payload["sub"] or row.revoked_at is not None:
         return True
-    if session.expires_at <= clock.now() or session.user.token_version != payload.get("tv"):
+    if row.expires_at <= clock.now() or row.token_version != payload.get("tv"):
         return True
-    if payload["type"] == "refresh" and payload["jti"] != session.refresh_jti:
+    if payload["type"] == "refresh" and payload["jti"] != row.refresh_jti:
         # A spent refresh token came back: someone holds a copy. Kill the whole session.
-        revoke(session, "refresh_reuse")
+        revoke(db.session.get(AuthSession, sid), "refresh_reuse")
         db.session.commit()
         return True
     return False
@@ -133,7 +153,7 @@ def init_app(app) -> None:
     )
     jwt.init_app(app)
     jwt.token_in_blocklist_loader(_is_revoked)
-    jwt.user_lookup_loader(lambda _header, payload: g.auth_session.user)
+    jwt.user_lookup_loader(lambda _header, payload: Caller(payload["sub"], payload["sid"]))
     jwt.unauthorized_loader(_unauthorized("token_missing", "A bearer token is required."))
     jwt.invalid_token_loader(_unauthorized("token_invalid", "The token is invalid."))
     jwt.expired_token_loader(_unauthorized("token_expired", "The token has expired."))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import current_app, request
-from flask_jwt_extended import current_user, decode_token, get_jwt, jwt_required
+from flask_jwt_extended import decode_token, get_jwt, jwt_required
 from flask_smorest import Blueprint
 
 from chatapp import tokens
@@ -68,7 +68,7 @@ def refresh():
         db.session.commit()
         raise Unauthorized("token_revoked", "The token has been revoked.")
     db.session.commit()
-    return tokens.token_pair(current_user, session)
+    return tokens.token_pair(session.user, session)
 
 
 @blp.get("/me")
@@ -77,7 +77,7 @@ def refresh():
 @blp.doc(security=ACCESS)
 def me():
     """The current user."""
-    return current_user
+    return tokens.current_user_record()
 
 
 @blp.post("/me/username")
@@ -87,7 +87,7 @@ def me():
 @blp.doc(security=ACCESS)
 def change_username(data):
     """Change the username."""
-    user = users.change_username(current_user, data["username"])
+    user = users.change_username(tokens.current_user_record(), data["username"])
     db.session.commit()
     return user
 
@@ -100,7 +100,7 @@ def change_username(data):
 @blp.doc(security=ACCESS)
 def change_email(data):
     """Change the email address."""
-    user = users.change_email(db.session, current_user, data["email"])
+    user = users.change_email(db.session, tokens.current_user_record(), data["email"])
     db.session.commit()
     return user
 
@@ -125,7 +125,7 @@ def _token_subject() -> str:
 @blp.doc(security=REFRESH)
 def change_password(data):
     """Change the password (refresh token): every session ends and a new pair is returned."""
-    user = users.change_password(db.session, current_user, **data)
+    user = users.change_password(db.session, tokens.current_user_record(), **data)
     return _new_session_pair(user)
 
 
