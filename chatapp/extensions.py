@@ -1,5 +1,9 @@
 """Unbound extension singletons; create_app() binds them to an app."""
 
+import time
+from collections import OrderedDict
+
+from flask import current_app
 from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -16,7 +20,35 @@ class Base(DeclarativeBase):
 # Objects keep their values after commit: a response is built from what was committed, without a reload that
 # could fail (database gone) after the write already succeeded and turn a success into an error.
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
-jwt = JWTManager()
+
+
+class CachingJWTManager(JWTManager):
+    """Verifies each token's signature and claims once per worker, not on every request.
+
+    Flask-JWT-Extended decodes a token three times per request (claims unverified, header, then
+    verified): ~0.25 ms of CPU per request in the profile. A token's signature and claims never change,
+    so the verified claims are kept per app for the most recent tokens until the token expires.
+    Revocation is unaffected: the session check (chatapp.tokens) still runs on every request.
+    """
+
+    CACHE_SIZE = 4096
+
+    def _decode_jwt_from_config(self, encoded_token: str, csrf_value=None, allow_expired: bool = False) -> dict:
+        if csrf_value is not None or allow_expired:
+            return super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
+        cache = current_app.extensions.setdefault("chatapp.verified_tokens", OrderedDict())
+        claims = cache.get(encoded_token)
+        if claims is not None and time.time() < claims["exp"]:
+            return claims
+        claims = super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
+        if isinstance(claims.get("exp"), int | float):  # our tokens always expire; others are not kept
+            cache[encoded_token] = claims
+            if len(cache) > self.CACHE_SIZE:
+                cache.popitem(last=False)
+        return claims
+
+
+jwt = CachingJWTManager()
 api = ChatApi()
 # Limits are declared on the views; remote_addr is already the client address (ProxyFix honours trusted hops).
 limiter = Limiter(key_func=get_remote_address, headers_enabled=True)

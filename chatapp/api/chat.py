@@ -77,9 +77,19 @@ def send(data):
                                 context_messages=0 if "messages" in data else config["CONTEXT_MAX_MESSAGES"])
     source = model_configs.resolve_source(db.session, services.keyring, services.guard, user_id=current_user.id,
                                           data=data, conversation=target, loaded=target.config)
-    turn = chat.prepare_turn(db.session, storage(), target=target, source=source, data=data,
-                             limits=chat.ChatLimits.from_config(config))
+    limits = chat.ChatLimits.from_config(config)
+    turn = chat.prepare_turn(storage(), target=target, source=source, data=data, limits=limits)
+    # The model starts on the turn while it is stored, unless the conversation looks busy (then the store
+    # step answers 409, or reaps a dead stream first, and the model is asked only after it).
+    opening = None if target.busy else chat.open_upstream(turn, services.llm)
+    try:
+        chat.store_turn(db.session, turn, limits)
+    except BaseException:
+        if opening is not None:
+            chat.cancel_opening(opening)
+        raise
     engine = db.engine
     db.session.remove()  # the stream must not hold a connection while it waits on the model
-    return sse.response(chat.relay(turn, services.llm, engine, chat.RelaySettings.from_config(config),
+    return sse.response(chat.relay(turn, opening or chat.open_upstream(turn, services.llm), engine,
+                                   chat.RelaySettings.from_config(config),
                                    client_socket=request.environ.get("gunicorn.socket")))

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import gevent
-from gevent import GreenletExit
+from gevent import Greenlet, GreenletExit
 from sqlalchemy import Engine, String, and_, bindparam, func, insert, or_, update
 from sqlalchemy import select as select_rows
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from chatapp import clock, sse
+from chatapp import clock, logs, sse
 from chatapp.errors import Conflict, NotFound, TooManyRequests
 from chatapp.llm import ChatStream, ContentDelta, LLMClient, LLMError, ReasoningDelta
 from chatapp.models import Conversation, Message, ModelConfig
@@ -102,6 +102,7 @@ class SendTarget:
     conversation_id: str
     user_id: str
     model_config_id: str | None
+    busy: bool  # a reply is streaming here already (maybe a stale one the store step will reap)
     config: StoredConfig | None  # the config the send names (or the conversation's), if it is the caller's
     context: list[dict] = field(repr=False)  # stored messages, newest first (up to the context limit)
 
@@ -123,7 +124,7 @@ def load_for_send(session: Session, user_id: str, conversation_id: str, *, confi
         config = StoredConfig(first.config_id, first.user_id, first.config_base_url, first.config_model,
                               first.config_api_key_encrypted, first.config_params)
     context = [{"role": row.role, "content": row.content} for row in rows if row.role is not None]
-    return SendTarget(first.id, first.user_id, first.model_config_id, config, context)
+    return SendTarget(first.id, first.user_id, first.model_config_id, bool(first.busy), config, context)
 
 
 def _load_for_send_statement():
@@ -131,10 +132,12 @@ def _load_for_send_statement():
     running = (select_rows(func.count()).select_from(Message.__table__.join(
         Conversation.__table__, Conversation.__table__.c.id == m.conversation_id))
         .where(m.status == "streaming", c.user_id == bindparam("user_id")).scalar_subquery())
+    busy = (select_rows(func.count()).select_from(Message.__table__)
+            .where(m.conversation_id == bindparam("conversation_id"), m.status == "streaming").scalar_subquery())
     newest = (select_rows(m.id).where(m.conversation_id == bindparam("conversation_id"),
                                       m.status.in_(("completed", "incomplete")))
               .order_by(m.created_at.desc(), m.id.desc()).limit(bindparam("context")))
-    return (select_rows(c.id, c.user_id, c.model_config_id, running.label("running"),
+    return (select_rows(c.id, c.user_id, c.model_config_id, running.label("running"), busy.label("busy"),
                         mc.id.label("config_id"), mc.base_url.label("config_base_url"),
                         mc.model.label("config_model"), mc.api_key_encrypted.label("config_api_key_encrypted"),
                         mc.params.label("config_params"), m.role, m.content)
@@ -157,11 +160,12 @@ class PreparedTurn:
     assistant_message_id: str
     source: ModelSource
     model_messages: list[dict] = field(repr=False)
+    rows: list[dict] = field(repr=False)  # the two messages to insert
 
 
-def prepare_turn(session: Session, storage: Storage, *, target: SendTarget, source: ModelSource,
-                 data: dict, limits: ChatLimits) -> PreparedTurn:
-    """Everything that can fail as a JSON error happens here, then the turn is committed."""
+def prepare_turn(storage: Storage, *, target: SendTarget, source: ModelSource, data: dict,
+                 limits: ChatLimits) -> PreparedTurn:
+    """Everything that can fail as a JSON error (but a busy conversation) happens here; nothing is written."""
     new_message = data["message"] if "message" in data else data["messages"][-1]
     sent_context = [] if "message" in data else data["messages"][:-1]
 
@@ -173,17 +177,22 @@ def prepare_turn(session: Session, storage: Storage, *, target: SendTarget, sour
                if "messages" in data else _fitting_context(target.context, limits))
 
     user_id, assistant_id = clock.new_id(), clock.new_id()
-    _insert_turn(session, target.conversation_id, [
+    rows = [
         {"id": user_id, "conversation_id": target.conversation_id, "role": "user", "content": user_content,
          "status": "completed", "model": None, "worker": None},
         {"id": assistant_id, "conversation_id": target.conversation_id, "role": "assistant", "content": "",
          "status": "streaming", "model": source.model, "worker": clock.process_tag()},
-    ], stale_after=limits.stream_max_seconds + STALE_GRACE_SECONDS)
-
+    ]
     presign = _presigner(storage, limits.download_seconds)
     model_messages = [{"role": item["role"], "content": contents.to_urls(item["content"], presign)}
                       for item in [*context, {"role": "user", "content": user_content}]]
-    return PreparedTurn(target.conversation_id, user_id, assistant_id, source, model_messages)
+    return PreparedTurn(target.conversation_id, user_id, assistant_id, source, model_messages, rows)
+
+
+def store_turn(session: Session, turn: PreparedTurn, limits: ChatLimits) -> None:
+    """Commit the user message and the `streaming` reply row (409 while another reply streams here)."""
+    _insert_turn(session, turn.conversation_id, turn.rows,
+                 stale_after=limits.stream_max_seconds + STALE_GRACE_SECONDS)
 
 
 def _fitting_context(newest_first: list[dict], limits: ChatLimits) -> list[dict]:
@@ -230,23 +239,17 @@ class Outcome:
     error: LLMError | None = None
 
 
-class _Stopped(BaseException):
-    """Thrown into a relay still waiting for the upstream's headers when it must stop (BaseException, like
-    GreenletExit, so that no `except Exception` on the way swallows it)."""
-
-
 class _RelayControl:
     """A running relay's stop switch, flipped from outside its greenlet (client watcher, worker shutdown).
 
-    No greenlet of its own: a stop interrupts the upstream read (socket shutdown) so the relay's loop sees
-    `reason` at once; while the request is still being sent, it is thrown into the relay's greenlet.
+    A stop kills the request to the model while it is being opened, or interrupts the upstream read
+    (socket shutdown) once it streams, so the relay's loop sees `reason` at once.
     """
 
-    __slots__ = ("greenlet", "opening", "reason", "stream")
+    __slots__ = ("opening", "reason", "stream")
 
-    def __init__(self) -> None:
-        self.greenlet = gevent.getcurrent()
-        self.opening = False
+    def __init__(self, opening: Greenlet) -> None:
+        self.opening: Greenlet | None = opening
         self.reason: str | None = None
         self.stream: ChatStream | None = None
 
@@ -256,12 +259,8 @@ class _RelayControl:
         self.reason = reason
         if self.stream is not None:
             self.stream.interrupt()
-        elif self.opening:
-            gevent.get_hub().loop.run_callback(self._abort_opening)
-
-    def _abort_opening(self) -> None:
-        if self.opening:  # still suspended inside open_stream(), so that is where this lands
-            self.greenlet.throw(_Stopped())
+        elif self.opening is not None:
+            self.opening.kill(block=False)
 
 
 _running: set[_RelayControl] = set()  # this worker's running relays, for end_all_streams()
@@ -284,7 +283,34 @@ class RelaySettings:
         return cls(config["SSE_PING_SECONDS"], config["STREAM_MAX_SECONDS"])
 
 
-def relay(turn: PreparedTurn, llm: LLMClient, engine: Engine, settings: RelaySettings,
+def open_upstream(turn: PreparedTurn, llm: LLMClient) -> Greenlet:
+    """Send the turn to the model from a short-lived greenlet, so the model starts on it while the turn is
+    being stored and the response starts. Its value: the open ChatStream, or the LLMError it met."""
+    source = turn.source
+
+    def opening():
+        try:
+            return llm.open_stream(source.base_url, source.api_key, source.model, turn.model_messages,
+                                   source.params)
+        except Exception as error:  # noqa: BLE001 - handed to the relay, which ends the stream with it
+            return error if isinstance(error, LLMError) else _logged_failure(error)
+
+    return logs.spawn(opening)
+
+
+def _logged_failure(error: Exception) -> LLMError:
+    log.error("opening the model's stream failed", exc_info=error)
+    return LLMError("upstream_error", "The reply could not be read.")
+
+
+def cancel_opening(opening: Greenlet) -> None:
+    """The turn will not be relayed: stop the request to the model, or close the stream it opened."""
+    opening.kill(block=True, timeout=2)
+    if isinstance(opening.value, ChatStream):
+        opening.value.close()
+
+
+def relay(turn: PreparedTurn, opening: Greenlet, engine: Engine, settings: RelaySettings,
           client_socket: socket.socket | None = None) -> Iterator[bytes]:
     """The SSE byte stream for one turn. Closing it (the client left) stops the upstream at once.
 
@@ -294,21 +320,17 @@ def relay(turn: PreparedTurn, llm: LLMClient, engine: Engine, settings: RelaySet
     ids = {"conversation_id": turn.conversation_id, "user_message_id": turn.user_message_id,
            "assistant_message_id": turn.assistant_message_id}
     outcome = Outcome()
-    control = _RelayControl()
+    control = _RelayControl(opening)
     watcher = _watch_client(client_socket, control) if client_socket is not None else None
     deadline = time.monotonic() + settings.max_seconds
     _running.add(control)
     try:
         yield sse.event("message.created", ids)
-        source = turn.source
-        control.opening = True
-        try:
-            if control.reason is None:
-                control.stream = llm.open_stream(source.base_url, source.api_key, source.model,
-                                                 turn.model_messages, source.params)
-        finally:
-            control.opening = False
-        stream = control.stream
+        opened = opening.get()  # a ChatStream, an LLMError, or GreenletExit when a stop killed the request
+        control.opening = None
+        if isinstance(opened, Exception):
+            raise opened
+        control.stream = stream = opened if isinstance(opened, ChatStream) else None
         while stream is not None and control.reason is None and not stream.finished:
             wait = min(settings.ping_seconds, deadline - time.monotonic())
             if wait <= 0:
@@ -334,8 +356,6 @@ def relay(turn: PreparedTurn, llm: LLMClient, engine: Engine, settings: RelaySet
                     outcome.status, outcome.finish_reason, outcome.usage = "completed", item.reason or "stop", item.usage
             if out:
                 yield out[0] if len(out) == 1 else b"".join(out)
-    except _Stopped:
-        pass
     except LLMError as error:
         if control.reason is None:  # not the read we interrupted ourselves
             outcome.error = error
@@ -356,6 +376,8 @@ def relay(turn: PreparedTurn, llm: LLMClient, engine: Engine, settings: RelaySet
         # Stop reading first, so what is saved is final and the upstream sees the disconnect now.
         if control.stream is not None:
             control.stream.close()
+        elif control.opening is not None:
+            cancel_opening(control.opening)
         if outcome.error is not None:
             outcome.status, outcome.finish_reason = "failed", "error"
         elif control.reason == "client_gone" and outcome.status != "completed":
