@@ -670,6 +670,27 @@ def test_simultaneous_sends_only_one_streams(chat, fake):
     assert text_of(SSEStream(winner).rest()) == "only one"
     assert all(response.json()["code"] == "conversation_busy" for response in responses if response is not winner)
     assert len(chat.history(conversation_id)) == 2
+    # Each send asked the model before its INSERT lost the race; the losers' requests were cancelled at once,
+    # long before the model's first token (1 s), so nothing is spent on replies that cannot be stored.
+    time.sleep(0.3)  # a request sent just before its greenlet was killed is parsed by now
+    asked = len(fake.requests)
+    assert 1 <= asked <= 4
+    if asked > 1:
+        assert fake.wait_for_disconnect(5, count=asked - 1) is not None
+    cancelled = [rec for rec in fake.requests if rec.disconnected_at is not None]
+    assert len(cancelled) == asked - 1
+    assert all(not rec.sent("content") for rec in cancelled)
+
+
+def test_a_busy_conversation_never_reaches_the_model(chat, fake):
+    conversation_id = chat.conversation()
+    slow = chat.stream(conversation_id, **inline(fake, reply="a b c d", gap=0.2))
+    head = slow.until("message.created")
+    fake.wait_for_requests(1)
+    asked = len(fake.requests)
+    assert chat.send(conversation_id, "me too", **inline(fake)).status_code == 409
+    assert len(fake.requests) == asked  # known busy before anything was sent upstream
+    assert_well_formed(head + slow.rest(), "completed")
 
 
 def test_streams_reuse_a_keep_alive_connection(chat, fake):

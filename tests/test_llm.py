@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from chatapp.llm import (
     LLMError,
     ReasoningDelta,
     SSEDecoder,
+    _Chunked,
     _parse_chunk,
 )
 from tests.fake_upstream import FakeUpstream, parse_options
@@ -485,3 +488,139 @@ def test_fake_runs_as_a_process():
     finally:
         proc.terminate()
         assert proc.wait(timeout=5) is not None
+
+
+# --- ChatStream: the body read off the socket --------------------------------------------------
+
+
+def sse_body(*texts: str, done: bool = True) -> bytes:
+    lines = [f'data: {{"choices":[{{"delta":{{"content":"{text}"}}}}]}}\n\n' for text in texts]
+    lines.append('data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n')
+    return "".join(lines).encode() + (b"data: [DONE]\n\n" if done else b"")
+
+
+def chunked(body: bytes, size: int = 40) -> bytes:
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+class RawUpstream:
+    """A one-response HTTP server on 127.0.0.1 that writes exactly the bytes a test gives it, piece by piece."""
+
+    def __init__(self, *pieces: bytes, pause: float = 0.0, hold: float = 0.0) -> None:
+        self.pieces, self.pause, self.hold = pieces, pause, hold
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            for piece in self.pieces:
+                conn.sendall(piece)
+                time.sleep(self.pause)
+            time.sleep(self.hold)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def response_head(*headers: str) -> bytes:
+    return ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + "".join(h + "\r\n" for h in headers)
+            + "\r\n").encode()
+
+
+def test_chunked_decoder_gives_the_same_body_for_any_split():
+    body = sse_body("a", "b", "c") * 3
+    wire = chunked(body, 17)
+    rng = random.Random(7)
+    for _ in range(200):
+        decoder, out, pos = _Chunked(), [], 0
+        while pos < len(wire):
+            step = rng.randint(1, 30)
+            out.append(decoder.feed(wire[pos:pos + step]))
+            pos += step
+        assert b"".join(out) == body and decoder.done
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\n", b"-5\r\nhello\r\n", b"3\r\nabcXY\r\n", b"f" * 5000])
+def test_chunked_decoder_refuses_broken_framing(wire):
+    with pytest.raises(LLMError) as info:
+        _Chunked().feed(wire)
+    assert info.value.code == "upstream_error"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "sized", "close"])
+def test_body_framings_and_bytes_that_came_with_the_headers(llm, framing):
+    body = sse_body("one ", "two")
+    if framing == "chunked":
+        wire = response_head("Transfer-Encoding: chunked") + chunked(body)
+    elif framing == "sized":
+        wire = response_head(f"Content-Length: {len(body)}") + body
+    else:
+        wire = response_head("Connection: close") + body
+    server = RawUpstream(wire)  # one write: the body's first bytes arrive in http.client's header buffer
+    try:
+        events = list(llm.stream_chat(server.base_url, KEY, "m", MESSAGES))
+    finally:
+        server.close()
+    assert text_of(events) == "one two" and events[-1] == Finish("stop", None)
+
+
+def test_gzip_encoded_stream_is_decoded(llm):
+    compressor = zlib.compressobj(wbits=31)
+    body = compressor.compress(sse_body("zipped")) + compressor.flush()
+    server = RawUpstream(response_head("Transfer-Encoding: chunked", "Content-Encoding: gzip"), chunked(body, 9),
+                         pause=0.01)
+    try:
+        assert text_of(run(llm, server)) == "zipped"
+    finally:
+        server.close()
+
+
+def test_an_encoding_we_cannot_read_is_a_clear_error(llm):
+    server = RawUpstream(response_head("Transfer-Encoding: chunked", "Content-Encoding: br") + chunked(b"xx"))
+    try:
+        with pytest.raises(LLMError) as info:
+            run(llm, server)
+    finally:
+        server.close()
+    assert info.value.code == "upstream_error" and "encoding" in info.value.message
+
+
+def test_a_read_that_times_out_can_be_retried_and_interrupt_ends_a_wait(llm):
+    """What lets the relay ping from the reading greenlet: a timed-out read loses nothing."""
+    wire = chunked(sse_body("late"))
+    server = RawUpstream(response_head("Transfer-Encoding: chunked"), wire[:30], wire[30:], pause=0.4, hold=2)
+    try:
+        stream = llm.open_stream(server.base_url, KEY, "m", MESSAGES)
+        assert stream.read(0.05) is None  # nothing yet: no error, nothing lost
+        events = []
+        while not stream.finished:
+            events += stream.read(2) or []
+        assert text_of(events) == "late"
+        stream.close()
+    finally:
+        server.close()
+
+    silent = RawUpstream(response_head("Transfer-Encoding: chunked"), hold=3)
+    try:
+        stream = llm.open_stream(silent.base_url, KEY, "m", MESSAGES)
+        threading.Timer(0.2, stream.interrupt).start()
+        started = time.monotonic()
+        with pytest.raises(LLMError):
+            stream.read(2.5)
+        assert time.monotonic() - started < 1
+        stream.close()
+    finally:
+        silent.close()

@@ -189,6 +189,21 @@ def test_token_lifetimes_follow_configuration_and_an_expired_access_token_is_ref
     assert api.get("user/me", token=refresh(api, account).access).status_code == 200
 
 
+@pytest.mark.app_settings(JWT_ACCESS_SECONDS=1, JWT_REFRESH_SECONDS=120)
+def test_a_token_verified_before_still_expires_and_still_dies_with_its_session(app, api):
+    """Verified claims are cached per worker (CachingJWTManager): that must change neither expiry nor revocation."""
+    account = pair(api.post("user/register", register_body()), 201)
+    assert works(api, account) and works(api, account)  # the second use is served from the cache
+    assert account.access in app.extensions["chatapp.verified_tokens"]
+    time.sleep(max(0.0, claims(account.access)["exp"] - time.time()) + 0.05)
+    assert_error(api.get("user/me", token=account.access), 401, "token_expired")
+
+    fresh = refresh(api, account)
+    assert works(api, fresh)
+    assert api.post("user/logout", token=fresh.refresh).status_code == 204
+    assert_error(api.get("user/me", token=fresh.access), 401, "token_revoked")  # cached, yet dead at once
+
+
 # ------------------------------------------------------------------ refresh
 
 
