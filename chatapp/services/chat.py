@@ -129,9 +129,14 @@ def load_for_send(session: Session, user_id: str, conversation_id: str, *, confi
 
 def _load_for_send_statement():
     c, mc, m = Conversation.__table__.c, ModelConfig.__table__.c, Message.__table__.c
-    running = (select_rows(func.count()).select_from(Message.__table__.join(
-        Conversation.__table__, Conversation.__table__.c.id == m.conversation_id))
-        .where(m.status == "streaming", c.user_id == bindparam("user_id")).scalar_subquery())
+    # Counted from the (partial-indexed, short) list of streaming rows, each looked up by primary key: a join
+    # from the user's conversations would visit every conversation the user ever had (thousands, growing).
+    owner = Conversation.__table__.alias("owner")
+    running = (select_rows(func.count()).select_from(Message.__table__)
+               .where(m.status == "streaming",
+                      select_rows(owner.c.user_id).where(owner.c.id == m.conversation_id).scalar_subquery()
+                      == bindparam("user_id"))
+               .scalar_subquery())
     busy = (select_rows(func.count()).select_from(Message.__table__)
             .where(m.conversation_id == bindparam("conversation_id"), m.status == "streaming").scalar_subquery())
     newest = (select_rows(m.id).where(m.conversation_id == bindparam("conversation_id"),
