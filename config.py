@@ -82,8 +82,8 @@ def load_config(env=None) -> dict:
         "INSTANCE_PATH": str(instance),
         "SECRET_KEY": _env(env, "SECRET_KEY", DEV_SECRET),
         "SQLALCHEMY_DATABASE_URI": database_url(_env(env, "DATABASE_URL", f"sqlite:///{instance / 'chatapp.sqlite3'}")),
-        "DB_POOL_SIZE": _int(env, "DB_POOL_SIZE", 10),
-        "DB_MAX_OVERFLOW": _int(env, "DB_MAX_OVERFLOW", 20),
+        "DB_POOL_SIZE": _int(env, "DB_POOL_SIZE", 25),
+        "DB_MAX_OVERFLOW": _int(env, "DB_MAX_OVERFLOW", 5),
         "DB_POOL_TIMEOUT": _float(env, "DB_POOL_TIMEOUT", 10.0),
         "MAX_BODY_BYTES": _int(env, "MAX_BODY_BYTES", 2 * 1024 * 1024),
         # Tokens

@@ -28,6 +28,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util import connection as _u3conn
 from urllib3.util import parse_url
+from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
 __all__ = ["CheckedURL", "OutboundGuard", "OutboundURLForbidden", "default_resolver", "is_public_address"]
 
@@ -278,9 +279,7 @@ class _GuardedConnectionMixin:
         err: OSError | None = None
         for ip in addresses:
             try:
-                sock = _u3conn.create_connection(
-                    (ip, self.port), self.timeout, self.source_address, self.socket_options
-                )
+                sock = _connect(ip, self.port, self.timeout, self.source_address, self.socket_options)
             except OSError as e:  # try the next checked address, like socket.create_connection
                 err = e
                 continue
@@ -290,6 +289,26 @@ class _GuardedConnectionMixin:
             msg = f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
             raise ConnectTimeoutError(self, msg) from err
         raise NewConnectionError(self, f"Failed to establish a new connection: {err}") from err  # type: ignore[arg-type]
+
+
+def _connect(ip: str, port: int, timeout: Any, source_address: tuple[str, int] | None,
+             socket_options: Any) -> socket.socket:
+    """Connect to an address already resolved and checked. urllib3's create_connection would resolve the
+    numeric address again, which under gevent is a round trip through its DNS thread pool per connection
+    (a queue of them when a burst of sends opens many connections at once)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        if timeout is not _DEFAULT_TIMEOUT:
+            sock.settimeout(timeout)
+        if source_address:
+            sock.bind(source_address)
+        sock.connect((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _pool_classes(guard: OutboundGuard) -> dict[str, type[HTTPConnectionPool]]:

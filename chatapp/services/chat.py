@@ -165,7 +165,7 @@ class PreparedTurn:
     assistant_message_id: str
     source: ModelSource
     model_messages: list[dict] = field(repr=False)
-    rows: list[dict] = field(repr=False)  # the two messages to insert
+    rows: dict = field(repr=False)  # the parameters of _INSERT_TURN
 
 
 def prepare_turn(storage: Storage, *, target: SendTarget, source: ModelSource, data: dict,
@@ -182,12 +182,10 @@ def prepare_turn(storage: Storage, *, target: SendTarget, source: ModelSource, d
                if "messages" in data else _fitting_context(target.context, limits))
 
     user_id, assistant_id = clock.new_id(), clock.new_id()
-    rows = [
-        {"id": user_id, "conversation_id": target.conversation_id, "role": "user", "content": user_content,
-         "status": "completed", "model": None, "worker": None},
-        {"id": assistant_id, "conversation_id": target.conversation_id, "role": "assistant", "content": "",
-         "status": "streaming", "model": source.model, "worker": clock.process_tag()},
-    ]
+    now = clock.now()  # one moment for both rows: their ids (UUIDv7, increasing) order them
+    rows = {"conversation_id": target.conversation_id, "now": now,
+            "user_id": user_id, "user_content": user_content,
+            "assistant_id": assistant_id, "model": source.model, "worker": clock.process_tag()}
     presign = _presigner(storage, limits.download_seconds)
     model_messages = [{"role": item["role"], "content": contents.to_urls(item["content"], presign)}
                       for item in [*context, {"role": "user", "content": user_content}]]
@@ -212,11 +210,11 @@ def _fitting_context(newest_first: list[dict], limits: ChatLimits) -> list[dict]
     return context[::-1]
 
 
-def _insert_turn(session: Session, conversation_id: str, rows: list[dict], *, stale_after: float) -> None:
+def _insert_turn(session: Session, conversation_id: str, rows: dict, *, stale_after: float) -> None:
     # One INSERT for both rows; conversations.updated_at follows by itself (a database trigger, migration 0002).
     for attempt in range(2):
         try:
-            session.execute(_INSERT_MESSAGES, rows)
+            session.execute(_INSERT_TURN, rows)
             session.commit()
             return
         except IntegrityError:
@@ -451,9 +449,9 @@ def _save(engine: Engine, turn: PreparedTurn, outcome: Outcome) -> None:
     }
     for attempt in range(SAVE_ATTEMPTS):
         try:
-            # One statement on a bare connection (no ORM session: this runs once per reply, on the hot path);
-            # the conversation's updated_at follows by trigger (migration 0002).
-            with engine.begin() as connection:
+            # One statement, atomic by itself: run in autocommit on a bare connection (no ORM session, no
+            # BEGIN/COMMIT round trips: this runs once per reply). conversations.updated_at follows by trigger.
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
                 connection.execute(_SAVE_REPLY, values)
             break
         except (PoolTimeout, OperationalError):
@@ -470,7 +468,21 @@ def _save(engine: Engine, turn: PreparedTurn, outcome: Outcome) -> None:
                                     "finish_reason": outcome.finish_reason, "chars": len(values["content"])})
 
 
-_INSERT_MESSAGES = insert(Message.__table__)
+def _insert_turn_statement():
+    """Both rows of a turn in one multi-VALUES INSERT, built once (an executemany would be a pipeline of
+    statements on PostgreSQL, and building the statement per send costs more than running it on SQLite)."""
+    shared = {"conversation_id": bindparam("conversation_id"), "created_at": bindparam("now"),
+              "updated_at": bindparam("now"), "finish_reason": None, "reasoning_content": None,
+              "error_code": None}
+    return insert(Message.__table__).values([
+        {**shared, "id": bindparam("user_id"), "role": "user", "content": bindparam("user_content"),
+         "status": "completed", "model": None, "worker": None},
+        {**shared, "id": bindparam("assistant_id"), "role": "assistant", "content": "", "status": "streaming",
+         "model": bindparam("model"), "worker": bindparam("worker")},
+    ])
+
+
+_INSERT_TURN = _insert_turn_statement()
 _SAVE_REPLY = (update(Message.__table__).where(Message.__table__.c.id == bindparam("message_id"))
                .values(content=bindparam("content"), reasoning_content=bindparam("reasoning_content"),
                        status=bindparam("status"), finish_reason=bindparam("finish_reason"),
