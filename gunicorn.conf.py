@@ -18,6 +18,20 @@ timeout = 60
 graceful_timeout = _settings["graceful_timeout"]
 keepalive = 75
 accesslog = None  # chatapp writes its own JSON access line per request
+
+
+def _no_access_log():
+    # With logconfig_dict set, gunicorn builds its access-log atoms for every request even though no handler
+    # takes them (~50 us per request in the profile); chatapp's own access line makes them redundant.
+    from gunicorn.glogging import Logger
+
+    class ChatappGunicornLogger(Logger):
+        access_log_enabled = False
+
+    return ChatappGunicornLogger
+
+
+logger_class = _no_access_log()
 errorlog = "-"
 _handlers = {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
                         "formatter": "json", "filters": ["request"]}}

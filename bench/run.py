@@ -177,6 +177,18 @@ def tree_rss(root: int) -> int:
     return total
 
 
+def tree_pss(root: int) -> int:
+    """Sum of Pss (bytes) over a process tree: each shared page counted once, split among its sharers."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
 # ------------------------------------------------------------------ HTTP helpers (127.0.0.1 only)
 
 
@@ -594,6 +606,7 @@ class Bench:
                 app.start()
                 self.settle([app.pid], 10)
                 app.info["idle_rss_bytes"] = tree_rss(app.pid)
+                app.info["idle_pss_bytes"] = tree_pss(app.pid)
                 log(f"{name}: started in {app.info['startup_seconds']:.2f} s, idle RSS "
                     f"{app.info['idle_rss_bytes'] / 2**20:.0f} MB; seeding {conversations} conversations")
                 app.setup(conversations, 1000)
@@ -613,6 +626,7 @@ class Bench:
                     proxy.start()
                     self.settle([proxy.pid], 15)
                     proxy.info["idle_rss_bytes"] = tree_rss(proxy.pid)
+                    proxy.info["idle_pss_bytes"] = tree_pss(proxy.pid)
                     log(f"litellm: started in {proxy.info['startup_seconds']:.1f} s")
                     self.systems.append(proxy)
                 except (BenchError, OSError) as exc:
@@ -1117,6 +1131,8 @@ def render(report: dict, derived: dict, verdicts: list[dict]) -> str:
     row("startup to /healthz 200 (s)", [f"{systems[n]['startup_seconds']:.2f}" if systems[n].get("startup_seconds")
                                         else "-" for n in names])
     row("idle RSS after start (MB)", [f"{systems[n]['idle_rss_bytes'] / 1e6:.0f}" if systems[n].get("idle_rss_bytes")
+                                      else "-" for n in names])
+    row("idle PSS after start (MB)", [f"{systems[n]['idle_pss_bytes'] / 1e6:.0f}" if systems[n].get("idle_pss_bytes")
                                       else "-" for n in names])
     for size in sorted(report["hold"], key=int):
         results = report["hold"][size]

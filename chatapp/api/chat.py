@@ -65,7 +65,8 @@ def get_history(args, conversation_id):
 @jwt_required()
 @blp.arguments(SendIn)
 @blp.alt_response(404, description="conversation_not_found / model_config_not_found")
-@blp.alt_response(409, description="conversation_busy")
+@blp.alt_response(409, description="conversation_busy: a reply is streaming here (the model is not asked; a send "
+                                    "that loses a race has its model request cancelled)")
 @blp.alt_response(429, description="too_many_streams (CHATAPP_STREAMS_PER_USER)")
 @blp.alt_response(422, description="validation_error / model_not_configured / model_url_forbidden / invalid_image")
 @blp.doc(security=ACCESS, responses={200: SSE_DOC})
