@@ -390,6 +390,20 @@ def test_redaction_keeps_ordinary_text():
     assert redact(ordinary) == ordinary
 
 
+@pytest.mark.parametrize(("field", "value"), [("apikey", "looks harmless"), ("session_token", 12345),
+                                            ("note", "sk-abcdef1234567"), ("nested", {"password": "x"})])
+def test_the_fast_path_of_redaction_still_masks_what_looks_secret(field, value):
+    from chatapp.logs import RedactingJsonFormatter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "plain line", None, None)
+    setattr(record, field, value)
+    line = json.loads(RedactingJsonFormatter().format(record))
+    assert "harmless" not in json.dumps(line) and "12345" not in json.dumps(line)
+    assert "abcdef1234567" not in json.dumps(line) and line.get("nested", {}).get("password") != "x"
+    plain = logging.LogRecord("x", logging.INFO, __file__, 1, "GET /api/v1/conversation 200", None, None)
+    assert json.loads(RedactingJsonFormatter().format(plain))["message"] == "GET /api/v1/conversation 200"
+
+
 # ------------------------------------------------------------------ configuration
 
 
