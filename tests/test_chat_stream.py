@@ -682,6 +682,16 @@ def test_simultaneous_sends_only_one_streams(chat, fake):
     assert all(not rec.sent("content") for rec in cancelled)
 
 
+def test_each_send_asks_the_model_exactly_once(chat, fake):
+    """The model is asked while the turn is stored; however that race ends (on PostgreSQL the store yields, so
+    the model's headers often arrive first), it is asked once per send."""
+    conversation_id = chat.conversation()
+    for number in range(5):
+        assert text_of(chat.stream(conversation_id, f"turn {number}", **inline(fake)).rest()) == f"echo: turn {number}"
+    time.sleep(0.2)
+    assert len(fake.requests) == 5
+
+
 def test_a_busy_conversation_never_reaches_the_model(chat, fake):
     conversation_id = chat.conversation()
     slow = chat.stream(conversation_id, **inline(fake, reply="a b c d", gap=0.2))

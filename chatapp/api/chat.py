@@ -89,8 +89,10 @@ def send(data):
         if opening is not None:
             chat.cancel_opening(opening)
         raise
+    if opening is None:  # (not `opening or ...`: a Greenlet that already finished is falsy)
+        opening = chat.open_upstream(turn, services.llm)
     engine = db.engine
     db.session.remove()  # the stream must not hold a connection while it waits on the model
-    return sse.response(chat.relay(turn, opening or chat.open_upstream(turn, services.llm), engine,
+    return sse.response(chat.relay(turn, opening, engine,
                                    chat.RelaySettings.from_config(config),
                                    client_socket=request.environ.get("gunicorn.socket")))
