@@ -8,7 +8,7 @@ import logging
 import re
 from datetime import datetime
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from chatapp import clock
@@ -49,15 +49,27 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 def list_page(session: Session, user_id: str, *, limit: int, cursor: str | None) -> dict:
     """Newest activity first, id breaking ties; keyset pagination so pages never skip or repeat."""
-    query = select(Conversation).where(Conversation.user_id == user_id)
+    params: dict = {"user_id": user_id, "limit": limit + 1}
     if cursor:
-        moment, last_id = _decode_cursor(cursor)
-        query = query.where(or_(Conversation.updated_at < moment,
-                                and_(Conversation.updated_at == moment, Conversation.id < last_id)))
-    rows = list(session.scalars(query.order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-                                .limit(limit + 1)))
+        params["moment"], params["last_id"] = _decode_cursor(cursor)
+    rows = session.execute(_LIST_AFTER_CURSOR if cursor else _LIST_FIRST_PAGE, params).all()
     more = len(rows) > limit
     return {"items": rows[:limit], "next_cursor": _encode_cursor(rows[limit - 1]) if more else None}
+
+
+def _list_statement(after_cursor: bool):
+    # Built once, as rows rather than ORM objects: the list is the most frequent call after the session check.
+    c = Conversation.__table__.c
+    query = select(c.id, c.title, c.model_config_id, c.created_at, c.updated_at).where(
+        c.user_id == bindparam("user_id"))
+    if after_cursor:
+        query = query.where(or_(c.updated_at < bindparam("moment"),
+                                and_(c.updated_at == bindparam("moment"), c.id < bindparam("last_id"))))
+    return query.order_by(c.updated_at.desc(), c.id.desc()).limit(bindparam("limit"))
+
+
+_LIST_FIRST_PAGE = _list_statement(after_cursor=False)
+_LIST_AFTER_CURSOR = _list_statement(after_cursor=True)
 
 
 def create(session: Session, user_id: str, model_config_id: str | None) -> Conversation:
