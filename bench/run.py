@@ -165,28 +165,26 @@ def own_cpu() -> float:
     return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
 
 
-def tree_rss(root: int) -> int:
-    """Sum of VmRSS (bytes) over a process and all its descendants."""
+def _tree_sum(root: int, proc_file: str, field: str) -> int:
+    """Sum of one kB figure (bytes) from /proc/<pid>/<proc_file> over a process and all its descendants."""
     total = 0
     for pid in process_tree(root):
-        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/{proc_file}", encoding="ascii") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     total += int(line.split()[1]) * 1024
                     break
     return total
+
+
+def tree_rss(root: int) -> int:
+    """Sum of VmRSS (bytes) over a process tree."""
+    return _tree_sum(root, "status", "VmRSS:")
 
 
 def tree_pss(root: int) -> int:
     """Sum of Pss (bytes) over a process tree: each shared page counted once, split among its sharers."""
-    total = 0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-    return total
+    return _tree_sum(root, "smaps_rollup", "Pss:")
 
 
 # ------------------------------------------------------------------ HTTP helpers (127.0.0.1 only)
