@@ -296,13 +296,14 @@ def open_upstream(turn: PreparedTurn, llm: LLMClient) -> Greenlet:
             return llm.open_stream(source.base_url, source.api_key, source.model, turn.model_messages,
                                    source.params)
         except Exception as error:  # noqa: BLE001 - handed to the relay, which ends the stream with it
-            return error if isinstance(error, LLMError) else _logged_failure(error)
+            return error if isinstance(error, LLMError) else _unexpected(error, "opening the model's stream")
 
     return logs.spawn(opening)
 
 
-def _logged_failure(error: Exception) -> LLMError:
-    log.error("opening the model's stream failed", exc_info=error)
+def _unexpected(error: Exception, doing: str) -> LLMError:
+    """A bug must still end the stream cleanly: logged with its traceback, told to the client as an upstream error."""
+    log.error("%s failed", doing, exc_info=error)
     return LLMError("upstream_error", "The reply could not be read.")
 
 
@@ -369,9 +370,8 @@ def relay(turn: PreparedTurn, opening: Greenlet, engine: Engine, settings: Relay
         # The worker is stopping: past its graceful timeout gunicorn kills the handlers. Save what arrived
         # (incomplete, the Outcome default) and still end the stream, so the client knows where it stopped.
         pass
-    except Exception:  # a bug here must still end the stream cleanly, and save what came
-        log.exception("relay failed")
-        outcome.error = LLMError("upstream_error", "The reply could not be read.")
+    except Exception as error:  # noqa: BLE001 - saved with what came, and the stream still ends properly
+        outcome.error = _unexpected(error, "relay")
     finally:
         _running.discard(control)
         if watcher is not None:
