@@ -165,7 +165,7 @@ class PreparedTurn:
     assistant_message_id: str
     source: ModelSource
     model_messages: list[dict] = field(repr=False)
-    rows: dict = field(repr=False)  # the parameters of _INSERT_TURN
+    rows: list[dict] = field(repr=False)  # the two rows of _INSERT_TURN
 
 
 def prepare_turn(storage: Storage, *, target: SendTarget, source: ModelSource, data: dict,
@@ -183,9 +183,12 @@ def prepare_turn(storage: Storage, *, target: SendTarget, source: ModelSource, d
 
     user_id, assistant_id = clock.new_id(), clock.new_id()
     now = clock.now()  # one moment for both rows: their ids (UUIDv7, increasing) order them
-    rows = {"conversation_id": target.conversation_id, "now": now,
-            "user_id": user_id, "user_content": user_content,
-            "assistant_id": assistant_id, "model": source.model, "worker": clock.process_tag()}
+    shared = {"conversation_id": target.conversation_id, "created_at": now, "updated_at": now,
+              "finish_reason": None, "reasoning_content": None, "error_code": None}
+    rows = [{**shared, "id": user_id, "role": "user", "content": user_content, "status": "completed",
+             "model": None, "worker": None},
+            {**shared, "id": assistant_id, "role": "assistant", "content": "", "status": "streaming",
+             "model": source.model, "worker": clock.process_tag()}]
     presign = _presigner(storage, limits.download_seconds)
     model_messages = [{"role": item["role"], "content": contents.to_urls(item["content"], presign)}
                       for item in [*context, {"role": "user", "content": user_content}]]
@@ -210,11 +213,11 @@ def _fitting_context(newest_first: list[dict], limits: ChatLimits) -> list[dict]
     return context[::-1]
 
 
-def _insert_turn(session: Session, conversation_id: str, rows: dict, *, stale_after: float) -> None:
+def _insert_turn(session: Session, conversation_id: str, rows: list[dict], *, stale_after: float) -> None:
     # One INSERT for both rows; conversations.updated_at follows by itself (a database trigger, migration 0002).
     for attempt in range(2):
         try:
-            session.execute(_INSERT_TURN, rows)
+            session.execute(_INSERT_TURN, rows).all()
             session.commit()
             return
         except IntegrityError:
@@ -468,21 +471,11 @@ def _save(engine: Engine, turn: PreparedTurn, outcome: Outcome) -> None:
                                     "finish_reason": outcome.finish_reason, "chars": len(values["content"])})
 
 
-def _insert_turn_statement():
-    """Both rows of a turn in one multi-VALUES INSERT, built once (an executemany would be a pipeline of
-    statements on PostgreSQL, and building the statement per send costs more than running it on SQLite)."""
-    shared = {"conversation_id": bindparam("conversation_id"), "created_at": bindparam("now"),
-              "updated_at": bindparam("now"), "finish_reason": None, "reasoning_content": None,
-              "error_code": None}
-    return insert(Message.__table__).values([
-        {**shared, "id": bindparam("user_id"), "role": "user", "content": bindparam("user_content"),
-         "status": "completed", "model": None, "worker": None},
-        {**shared, "id": bindparam("assistant_id"), "role": "assistant", "content": "", "status": "streaming",
-         "model": bindparam("model"), "worker": bindparam("worker")},
-    ])
-
-
-_INSERT_TURN = _insert_turn_statement()
+# Both rows of a turn in one statement: an executemany of an INSERT with RETURNING is sent by SQLAlchemy as a
+# single multi-VALUES INSERT ("insertmanyvalues", SQLite and PostgreSQL alike), from a compiled form it caches.
+# (A literal insert().values([...]) is never cached: compiling it cost more per send than running it on SQLite.
+# A plain executemany would be a pipeline of two statements with psycopg.)
+_INSERT_TURN = insert(Message.__table__).returning(Message.__table__.c.id)
 _SAVE_REPLY = (update(Message.__table__).where(Message.__table__.c.id == bindparam("message_id"))
                .values(content=bindparam("content"), reasoning_content=bindparam("reasoning_content"),
                        status=bindparam("status"), finish_reason=bindparam("finish_reason"),
