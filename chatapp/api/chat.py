@@ -26,7 +26,7 @@ SSE_DOC = {
 
 @blp.post("/get_upload_presigned_url")
 @jwt_required()
-@blp.arguments(UploadUrlIn)
+@blp.arguments(UploadUrlIn())
 @blp.response(200, UploadUrlOut)
 @blp.alt_response(404, description="conversation_not_found")
 @blp.doc(security=ACCESS)
@@ -50,7 +50,7 @@ def get_upload_presigned_url(data):
 
 @blp.get("/<conversation_id>")
 @jwt_required()
-@blp.arguments(HistoryArgs, location="query")
+@blp.arguments(HistoryArgs(), location="query")
 @blp.response(200, HistoryOut)
 @blp.alt_response(404, description="conversation_not_found / message_not_found")
 @blp.doc(security=ACCESS)
@@ -63,7 +63,7 @@ def get_history(args, conversation_id):
 
 @blp.post("/send")
 @jwt_required()
-@blp.arguments(SendIn)
+@blp.arguments(SendIn())
 @blp.alt_response(404, description="conversation_not_found / model_config_not_found")
 @blp.alt_response(409, description="conversation_busy: a reply is streaming here (the model is not asked; a send "
                                     "that loses a race has its model request cancelled)")

@@ -29,7 +29,7 @@ ACCESS = [{"access": []}]
 
 @blp.get("")
 @jwt_required()
-@blp.arguments(PageArgs, location="query")
+@blp.arguments(PageArgs(), location="query")
 @blp.response(200, ConversationPageOut)
 @blp.doc(security=ACCESS)
 def list_conversations(args):
@@ -39,7 +39,7 @@ def list_conversations(args):
 
 @blp.post("/create")
 @jwt_required()
-@blp.arguments(ConversationCreateIn)
+@blp.arguments(ConversationCreateIn())
 @blp.response(201, ConversationOut)
 @blp.alt_response(404, description="model_config_not_found")
 @blp.doc(security=ACCESS)
@@ -52,7 +52,7 @@ def create(data):
 
 @blp.post("/generate_title")
 @jwt_required()
-@blp.arguments(GenerateTitleIn)
+@blp.arguments(GenerateTitleIn())
 @blp.response(200, TitleOut)
 @blp.alt_response(404, description="conversation_not_found")
 @blp.alt_response(422, description="validation_error / model_not_configured / model_url_forbidden / invalid_image")
@@ -81,7 +81,7 @@ def generate_title(data):
 
 @blp.post("/delete")
 @jwt_required()
-@blp.arguments(IdsIn)
+@blp.arguments(IdsIn())
 @blp.response(200, DeletedOut)
 @blp.doc(security=ACCESS)
 def delete(data):

@@ -34,7 +34,7 @@ def list_configs():
 
 @blp.post("/can_create")
 @jwt_required()
-@blp.arguments(CanCreateIn)
+@blp.arguments(CanCreateIn())
 @blp.response(200, CanCreateOut)
 @blp.doc(security=ACCESS)
 def can_create(_data):
@@ -45,7 +45,7 @@ def can_create(_data):
 
 @blp.post("/create")
 @jwt_required()
-@blp.arguments(ModelConfigCreateIn)
+@blp.arguments(ModelConfigCreateIn())
 @blp.response(201, ModelConfigOut)
 @blp.alt_response(403, description="model_config_limit_reached / forbidden")
 @blp.alt_response(422, description="validation_error / model_url_forbidden")
@@ -61,7 +61,7 @@ def create(data):
 
 @blp.post("/update")
 @jwt_required()
-@blp.arguments(ModelConfigUpdateIn)
+@blp.arguments(ModelConfigUpdateIn())
 @blp.response(200, ModelConfigOut)
 @blp.alt_response(404, description="model_config_not_found")
 @blp.doc(security=ACCESS)
@@ -76,7 +76,7 @@ def update(data):
 
 @blp.post("/delete")
 @jwt_required()
-@blp.arguments(IdsIn)
+@blp.arguments(IdsIn())
 @blp.response(200, DeletedOut)
 @blp.doc(security=ACCESS)
 def delete(data):

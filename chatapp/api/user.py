@@ -31,7 +31,7 @@ def _new_session_pair(user):
 
 @blp.post("/register")
 @limiter.limit(lambda: current_app.config["RATELIMIT_REGISTER"])
-@blp.arguments(RegisterIn)
+@blp.arguments(RegisterIn())
 @blp.response(201, TokenPairOut)
 @blp.alt_response(409, description="email_taken")
 @blp.alt_response(429, description="rate_limited")
@@ -45,7 +45,7 @@ def register(data):
 @limiter.limit(lambda: current_app.config["RATELIMIT_LOGIN"])
 @limiter.limit(lambda: current_app.config["RATELIMIT_LOGIN_FAILURES"], key_func=_login_email,
                deduct_when=lambda response: response.status_code == 401)
-@blp.arguments(LoginIn)
+@blp.arguments(LoginIn())
 @blp.response(200, TokenPairOut)
 @blp.alt_response(401, description="invalid_credentials")
 @blp.alt_response(429, description="rate_limited")
@@ -82,7 +82,7 @@ def me():
 
 @blp.post("/me/username")
 @jwt_required()
-@blp.arguments(UsernameIn)
+@blp.arguments(UsernameIn())
 @blp.response(200, UserOut)
 @blp.doc(security=ACCESS)
 def change_username(data):
@@ -94,7 +94,7 @@ def change_username(data):
 
 @blp.post("/me/email")
 @jwt_required()
-@blp.arguments(EmailIn)
+@blp.arguments(EmailIn())
 @blp.response(200, UserOut)
 @blp.alt_response(409, description="email_taken")
 @blp.doc(security=ACCESS)
@@ -118,7 +118,7 @@ def _token_subject() -> str:
 @limiter.limit(lambda: current_app.config["RATELIMIT_PASSWORD_FAILURES"], key_func=_token_subject,
                deduct_when=lambda response: response.status_code == 403)
 @jwt_required(refresh=True)
-@blp.arguments(PasswordChangeIn)
+@blp.arguments(PasswordChangeIn())
 @blp.response(200, TokenPairOut)
 @blp.alt_response(403, description="wrong_password")
 @blp.alt_response(429, description="rate_limited (wrong current passwords)")
