@@ -135,8 +135,9 @@ def register_tokens(app: Flask) -> None:
 
 
 def register_request_rules(app: Flask) -> None:
-    from chatapp.http import check_json_body, security_headers
+    from chatapp.http import NoCookieSessions, check_json_body, security_headers
 
+    app.session_interface = NoCookieSessions()
     app.before_request(check_json_body)
     app.after_request(security_headers)
 

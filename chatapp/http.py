@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from flask import request
+from flask.sessions import SessionInterface
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from chatapp.errors import ApiError
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class NoCookieSessions(SessionInterface):
+    """Callers authenticate with bearer tokens; there are no cookie sessions. Flask's default interface
+    builds a signing serializer on every request just to find no cookie; this gives Flask its null
+    session (which refuses writes) at once."""
+
+    def open_session(self, app, request):
+        return None  # Flask then uses make_null_session()
+
+    def save_session(self, app, session, response) -> None:
+        return None
 
 
 def check_json_body():
