@@ -40,12 +40,20 @@ _SECRET_KEY = re.compile(r"(?i)password|api_?key|secret|token|authorization")
 _PLAIN = (int, float, bool, type(None), datetime, date, time_of_day)
 
 
-# One search that every pattern above implies: most strings (ids, paths, messages) skip the five subs.
-_MAYBE_SECRET = re.compile(r"(?i)bearer|eyJ|\b[srpa]k-|password|api_?key|secret|token|authorization|://")
+# Words that every pattern above implies (lower-cased; "k-" stands for the key prefixes): most strings (ids,
+# paths, messages) have none and skip the five subs. Substring tests on the lower-cased text take ~2 us for
+# a whole log line; one case-insensitive regex alternation took ~28 us.
+_MAYBE_SECRET_WORDS = ("bearer", "eyj", "k-", "password", "apikey", "api_key", "secret", "token", "authorization",
+                       "://")
+
+
+def _maybe_secret(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in _MAYBE_SECRET_WORDS)
 
 
 def redact(text: str) -> str:
-    if not _MAYBE_SECRET.search(text):
+    if not _maybe_secret(text):
         return text
     for pattern, replacement in _SECRETS:
         text = pattern.sub(replacement, text)
@@ -115,7 +123,7 @@ def _nothing_to_redact(log_data: dict) -> bool:
             texts.append(value)
         elif not isinstance(value, _PLAIN):
             return False  # nested or unusual values take the careful path
-    return not _MAYBE_SECRET.search("\n".join(texts))
+    return not _maybe_secret("\n".join(texts))
 
 
 _HANDLER_MARK = "_chatapp_handler"

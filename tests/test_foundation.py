@@ -390,6 +390,15 @@ def test_redaction_keeps_ordinary_text():
     assert redact(ordinary) == ordinary
 
 
+@pytest.mark.parametrize("text", ["BEARER abc.def-123", "x eyJhbGciOi.eyJzdWIiOi.c2ln y", "key rk-abcdef123",
+                                  "PassWord: hunter2", "Api_Key=zzz", "url https://user:pw@example.com/"])
+def test_the_secret_prefilter_lets_every_pattern_through(text):
+    """The cheap word test in front of the regexes must never skip a text that one of them would mask."""
+    from chatapp.logs import redact
+
+    assert redact(text) != text
+
+
 @pytest.mark.parametrize(("field", "value"), [("apikey", "looks harmless"), ("session_token", 12345),
                                             ("note", "sk-abcdef1234567"), ("nested", {"password": "x"})])
 def test_the_fast_path_of_redaction_still_masks_what_looks_secret(field, value):
