@@ -82,6 +82,7 @@ def test_stream_happy_path_and_request_shape(fake, llm):
     assert rec.headers["authorization"] == f"Bearer {KEY}"
     assert rec.headers["content-type"] == "application/json"
     assert rec.headers["accept-encoding"] == "identity"
+    assert rec.headers["user-agent"] == "chatapp" and "cookie" not in rec.headers
     assert rec.body == {
         "temperature": 0.3, "max_tokens": 50, "model": "fake-echo", "messages": MESSAGES, "stream": True,
         "stream_options": {"include_usage": True},
