@@ -149,7 +149,8 @@ class SSEDecoder:
 def _parse_chunk(payload: bytes, api_key: str | None) -> tuple[Any, Any, Any, Any]:
     """(reasoning, content, finish_reason, usage) of one chunk; each None when absent or ill-typed."""
     try:
-        obj = json.loads(payload)
+        # SSE is UTF-8 by definition: decoding here skips json.loads' detection of UTF-16/32 on every chunk.
+        obj = json.loads(payload.decode("utf-8", "surrogatepass"))
         usage = obj.get("usage")
         choices = obj.get("choices")
         if not choices:

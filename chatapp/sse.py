@@ -10,9 +10,19 @@ from flask import Response
 PING = b": ping\n\n"
 
 
+# One encoder for every event: json.dumps builds a new JSONEncoder on each call when given an option.
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+_DELTA_HEADS = {name: b"event: " + name.encode() + b'\ndata: {"delta": ' for name in ("content.delta", "reasoning.delta")}
+
+
 def event(name: str, data: dict) -> bytes:
-    # json.dumps never emits a raw newline, so one `data:` line always holds the whole payload.
-    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+    # JSON never holds a raw newline, so one `data:` line always holds the whole payload.
+    return b"event: " + name.encode() + b"\ndata: " + _to_json(data).encode() + b"\n\n"
+
+
+def delta(name: str, text: str) -> bytes:
+    """event(name, {"delta": text}) for the per-token events, byte for byte, without building the dict."""
+    return _DELTA_HEADS[name] + _to_json(text).encode() + b"}\n\n"
 
 
 def response(events: Iterable[bytes]) -> Response:

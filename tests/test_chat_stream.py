@@ -834,3 +834,12 @@ def test_worker_stopping_mid_stream_saves_and_ends_the_stream(quiet_chat, fake):
     assistant = quiet_chat.history(conversation_id)[-1]
     assert assistant["status"] == "incomplete" and assistant["content"] == text_of(events)
     assert 2 <= len(assistant["content"]) < 26
+
+
+@pytest.mark.parametrize("text", ["hi", 'say "x"\n\tand \\ back', "你好 🌍", "\u2028\u2029", ""])
+def test_delta_events_are_the_json_of_their_payload(text):
+    from chatapp import sse
+
+    for name in ("content.delta", "reasoning.delta"):
+        expected = f"event: {name}\ndata: {json.dumps({'delta': text}, ensure_ascii=False)}\n\n".encode()
+        assert sse.delta(name, text) == sse.event(name, {"delta": text}) == expected

@@ -354,11 +354,11 @@ def relay(turn: PreparedTurn, opening: Greenlet, engine: Engine, settings: Relay
                 if type(item) is ContentDelta:
                     text = _storable_text(item.text)
                     outcome.content.append(text)
-                    out.append(sse.event("content.delta", {"delta": text}))
+                    out.append(sse.delta("content.delta", text))
                 elif type(item) is ReasoningDelta:
                     text = _storable_text(item.text)
                     outcome.reasoning.append(text)
-                    out.append(sse.event("reasoning.delta", {"delta": text}))
+                    out.append(sse.delta("reasoning.delta", text))
                 else:
                     outcome.status, outcome.finish_reason, outcome.usage = "completed", item.reason or "stop", item.usage
             if out:
