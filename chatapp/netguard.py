@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import select
 import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,13 @@ from urllib3.exceptions import (
 from urllib3.util import connection as _u3conn
 from urllib3.util import parse_url
 from urllib3.util.timeout import _DEFAULT_TIMEOUT
+
+try:  # the system's poll(), also once gevent has patched the select module
+    from gevent.monkey import get_original
+
+    _system_poll = get_original("select", "poll")
+except ImportError:  # pragma: no cover - gevent is part of the stack
+    _system_poll = select.poll
 
 __all__ = ["CheckedURL", "OutboundGuard", "OutboundURLForbidden", "default_resolver", "is_public_address"]
 
@@ -270,6 +278,19 @@ class _GuardedConnectionMixin:
     timeout: Any
     source_address: tuple[str, int] | None
     socket_options: Any
+
+    @property
+    def is_connected(self) -> bool:
+        """urllib3's check before it reuses a pooled connection (readable now = closed or broken), made
+        with the system's poll(). gevent's poll() switches to the event loop even with a zero timeout, so
+        a send's request to the model waited behind whatever else was ready to run (its own INSERT and the
+        start of its response among them) and cost a loop iteration and two watchers per request."""
+        sock = getattr(self, "sock", None)
+        if sock is None:
+            return False
+        poller = _system_poll()
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
 
     def _new_conn(self) -> socket.socket:
         try:
