@@ -455,3 +455,25 @@ def test_module_imports_neither_flask_nor_chatapp() -> None:
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [m for m in names if m.split(".")[0] in {"flask", "chatapp"}]
+
+
+def test_a_pooled_connection_the_server_closed_is_not_reused() -> None:
+    """is_connected (urllib3's check before reuse) sees an idle open connection, and one the server closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    conn_class = netguard._pool_classes(OutboundGuard(allowlist=["127.0.0.1"]))["http"].ConnectionCls
+    conn = conn_class("127.0.0.1", port)
+    try:
+        assert not conn.is_connected  # no socket yet
+        conn.connect()
+        accepted, _ = listener.accept()
+        assert conn.is_connected
+        accepted.close()
+        for _ in range(100):  # the FIN arrives in microseconds on loopback
+            if not conn.is_connected:
+                break
+            threading.Event().wait(0.01)
+        assert not conn.is_connected
+    finally:
+        conn.close()
+        listener.close()
