@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from gevent.hub import Waiter, get_hub
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
@@ -372,6 +374,7 @@ class ChatStream:
         self._usage: dict[str, Any] | None = None
         self._last_data = time.monotonic()
         self._sock: Any = None
+        self._watcher: Any = None  # the event loop's io watcher on _sock, made on the first wait
         self._body: _Chunked | _Sized | _UntilClose | None = None
         self._zlib: Any = None
         self._pending = b""
@@ -432,17 +435,49 @@ class ChatStream:
         if self._pending:
             data, self._pending = self._pending, b""
         else:
-            self._sock.settimeout(wait)
             try:
-                data = self._sock.recv(READ_SIZE)
-            except TimeoutError:
+                data = self._recv(wait)
+            except OSError:
+                return self._end(_dropped(), [])
+            if data is None:
                 if time.monotonic() - self._last_data < self._idle_timeout:
                     return None
                 return self._end(_timed_out(), [])
-            except OSError:
-                return self._end(_dropped(), [])
             self._last_data = time.monotonic()
         return self._events_of(data)
+
+    def _recv(self, wait: float) -> bytes | None:
+        """The next bytes off the socket (b"" at its end), or None when `wait` seconds pass first.
+
+        Waits for the socket to be readable, then reads: a stream's next bytes are rarely there yet, and a
+        socket timeout would make gevent try a recv() that fails (EAGAIN) and build a Timeout on every
+        read. One io watcher serves the stream for its life; the socket itself stays non-blocking.
+        """
+        sock = self._sock
+        deadline = time.monotonic() + wait
+        while True:
+            pending = getattr(sock, "pending", None)  # TLS: decrypted bytes can wait inside the SSL object
+            if not (pending and pending()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                hub = get_hub()
+                if self._watcher is None:
+                    self._watcher = hub.loop.io(sock.fileno(), 1)
+                hub.loop.update_now()  # the loop's clock is the time of its last turn: timers count from it
+                waiter, timer = Waiter(hub), hub.loop.timer(left)
+                self._watcher.start(waiter.switch, True)
+                timer.start(waiter.switch, False)
+                try:
+                    if not waiter.get():
+                        return None
+                finally:
+                    self._watcher.stop()
+                    timer.close()
+            try:
+                return sock.recv(READ_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError):  # readable, yet nothing whole to read (half a TLS
+                continue  # record): wait again
 
     def _events_of(self, data: bytes) -> list[StreamEvent]:
         body = self._body
@@ -522,6 +557,9 @@ class ChatStream:
 
     def close(self) -> None:
         """Give the connection back if the body was read to its end, else close it (the upstream sees it)."""
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
         if self._resp is not None:
             self._resp.close()
             self._resp = None

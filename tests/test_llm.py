@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import random
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -508,15 +510,18 @@ def chunked(body: bytes, size: int = 40) -> bytes:
 class RawUpstream:
     """A one-response HTTP server on 127.0.0.1 that writes exactly the bytes a test gives it, piece by piece."""
 
-    def __init__(self, *pieces: bytes, pause: float = 0.0, hold: float = 0.0) -> None:
-        self.pieces, self.pause, self.hold = pieces, pause, hold
+    def __init__(self, *pieces: bytes, pause: float = 0.0, hold: float = 0.0, tls: ssl.SSLContext | None = None) -> None:
+        self.pieces, self.pause, self.hold, self.tls = pieces, pause, hold, tls
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.base_url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        scheme = "https" if tls else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}/v1"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
+        if self.tls is not None:
+            conn = self.tls.wrap_socket(conn, server_side=True)
         with conn:
             conn.settimeout(5)
             data = b""
@@ -622,6 +627,104 @@ def test_a_read_that_times_out_can_be_retried_and_interrupt_ends_a_wait(llm):
         with pytest.raises(LLMError):
             stream.read(2.5)
         assert time.monotonic() - started < 1
+        stream.close()
+    finally:
+        silent.close()
+
+
+def _loopback_tls(tmp_path: Path) -> tuple[str, ssl.SSLContext]:
+    """A self-signed certificate for 127.0.0.1: (its file, a server context that presents it)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return str(cert_file), context
+
+
+def test_a_stream_over_tls_is_relayed_as_it_comes(tmp_path):
+    """Over TLS a recv() hands out one record at a time; the reader waits on the socket only when the TLS
+    layer holds nothing more, so a burst of many records is read at once, and a silent one times out."""
+    cafile, context = _loopback_tls(tmp_path)
+    texts = [f"w{i}-" + "x" * 900 for i in range(60)]  # ~60 KB: several TLS records in one burst
+    server = RawUpstream(response_head("Transfer-Encoding: chunked"), chunked(sse_body(*texts), 50000), hold=3,
+                         tls=context)
+
+    class TrustingAdapter(HTTPAdapter):
+        def send(self, request, **kwargs):
+            return super().send(request, **{**kwargs, "verify": cafile})
+
+    def factory() -> requests.Session:
+        session = requests.Session()
+        session.mount("https://", TrustingAdapter())
+        return session
+
+    try:
+        stream = LLMClient(session_factory=factory, read_timeout=5).open_stream(server.base_url, KEY, "m", MESSAGES)
+        started, events = time.monotonic(), []
+        while not stream.finished:
+            got = stream.read(1.0)
+            assert got is not None, "waited on the socket while the burst was still being read"
+            events += got
+        assert time.monotonic() - started < 1
+        assert text_of(events) == "".join(texts)
+        stream.close()
+    finally:
+        server.close()
+
+    # The same stream through a relay that cuts the TLS bytes into small pieces: the socket turns readable
+    # many times while a record is still incomplete, and each time the reader must simply wait again.
+    server = RawUpstream(response_head("Transfer-Encoding: chunked"), chunked(sse_body(*texts), 50000), hold=3,
+                         tls=context)
+    relay = socket.create_server(("127.0.0.1", 0))
+    target = ("127.0.0.1", int(server.base_url.rsplit(":", 1)[1].split("/")[0]))
+
+    def trickle() -> None:
+        client, _ = relay.accept()
+        upstream = socket.create_connection(target)
+        threading.Thread(target=lambda: [upstream.sendall(d) for d in iter(lambda: client.recv(65536), b"")],
+                         daemon=True).start()
+        while data := upstream.recv(65536):
+            for i in range(0, len(data), 700):
+                client.sendall(data[i:i + 700])
+                time.sleep(0.001)
+        client.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{relay.getsockname()[1]}/v1"
+        stream = LLMClient(session_factory=factory, read_timeout=5).open_stream(url, KEY, "m", MESSAGES)
+        events = []
+        while not stream.finished:
+            events += stream.read(2.0) or []
+        assert text_of(events) == "".join(texts)
+        stream.close()
+    finally:
+        relay.close()
+        server.close()
+
+    silent = RawUpstream(response_head("Transfer-Encoding: chunked"), hold=2, tls=context)
+    try:
+        stream = LLMClient(session_factory=factory, read_timeout=5).open_stream(silent.base_url, KEY, "m", MESSAGES)
+        assert stream.read(0.2) is None
         stream.close()
     finally:
         silent.close()
