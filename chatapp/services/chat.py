@@ -290,8 +290,10 @@ class RelaySettings:
 
 
 def open_upstream(turn: PreparedTurn, llm: LLMClient) -> Greenlet:
-    """Send the turn to the model from a short-lived greenlet, so the model starts on it while the turn is
-    being stored and the response starts. Its value: the open ChatStream, or the LLMError it met."""
+    """Send the turn to the model from a short-lived greenlet, which runs as soon as the caller waits on
+    something: on PostgreSQL that is the INSERT of the turn, so the model starts while the turn is stored;
+    SQLite's calls never yield, so there the request leaves when the response starts. Its value: the
+    open ChatStream, or the LLMError it met."""
     source = turn.source
 
     def opening():
