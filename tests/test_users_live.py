@@ -111,9 +111,12 @@ def test_the_login_limit_holds_across_two_gunicorn_workers(tmp_path, app):
         port = int(server.url.rsplit(":", 1)[1])
         workers = _children(server.process.pid)
         assert len(workers) == 2, workers
+        # Batches of concurrent logins until both workers have answered some: which worker accepts a
+        # connection is up to the kernel and gevent, and one fast worker may take a whole batch.
+        results: list = []
         with ThreadPoolExecutor(max_workers=10) as pool:
-            results = list(pool.map(lambda _: _login(port, workers, account.email, account.password),
-                                    range(ATTEMPTS)))
+            while len(results) < ATTEMPTS or ({w for *_, w in results} != set(workers) and len(results) < 300):
+                results += pool.map(lambda _: _login(port, workers, account.email, account.password), range(10))
     finally:
         stop_live_server(server)
         for key in client.scan_iter(match=f"*/{LIMIT}/{seconds}/second*"):
@@ -121,7 +124,7 @@ def test_the_login_limit_holds_across_two_gunicorn_workers(tmp_path, app):
 
     statuses = [status for status, *_ in results]
     assert statuses.count(200) == LIMIT, statuses
-    assert statuses.count(429) == ATTEMPTS - LIMIT, statuses
+    assert statuses.count(429) == len(results) - LIMIT, statuses
     for status, headers, body, _worker in results:
         if status == 200:
             remember_secret(body["access_token"])
