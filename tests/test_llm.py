@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import random
 import re
 import socket
@@ -29,6 +28,7 @@ from chatapp.llm import (
     _Chunked,
     _parse_chunk,
 )
+from tests.conftest import self_signed_cert
 from tests.fake_upstream import FakeUpstream, parse_options
 
 KEY = "sk-test-0123456789abcdefSECRET"
@@ -634,30 +634,10 @@ def test_a_read_that_times_out_can_be_retried_and_interrupt_ends_a_wait(llm):
 
 def _loopback_tls(tmp_path: Path) -> tuple[str, ssl.SSLContext]:
     """A self-signed certificate for 127.0.0.1: (its file, a server context that presents it)."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_file, key_file = self_signed_cert(tmp_path, "127.0.0.1")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
-    return str(cert_file), context
+    return cert_file, context
 
 
 def test_a_stream_over_tls_is_relayed_as_it_comes(tmp_path):

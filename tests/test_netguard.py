@@ -5,7 +5,6 @@ names never reach DNS (injected resolvers, and getaddrinfo is fenced to numeric 
 from __future__ import annotations
 
 import ast
-import datetime
 import http.server
 import ipaddress
 import pathlib
@@ -19,6 +18,7 @@ import requests
 
 from chatapp import netguard
 from chatapp.netguard import CheckedURL, OutboundGuard, OutboundURLForbidden
+from tests.conftest import self_signed_cert
 
 PUBLIC = "93.184.216.34"  # only ever returned by fake resolvers for check_url(); never dialled
 
@@ -391,33 +391,7 @@ def test_pool_settings() -> None:
 
 @pytest.fixture
 def tls_server(tmp_path: pathlib.Path) -> Iterator[tuple[int, str, list[str | None]]]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "model.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("model.test")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    cert_file, key_file = self_signed_cert(tmp_path, "model.test")
     sni: list[str | None] = []
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert_file, key_file)
