@@ -80,9 +80,9 @@ def send(data):
                                           data=data, conversation=target, loaded=target.config)
     limits = chat.ChatLimits.from_config(config)
     turn = chat.prepare_turn(storage(), target=target, source=source, data=data, limits=limits)
-    # The model is asked from its own greenlet while the turn is stored (chat.open_upstream), unless the
-    # conversation looks busy (then the store step answers 409, or reaps a dead stream first, and the
-    # model is asked only after it).
+    # The model is asked first, from its own greenlet, and thinks while the turn is stored (chat.open_upstream),
+    # unless the conversation looks busy (then the store step answers 409, or reaps a dead stream first, and
+    # the model is asked only after it).
     opening = None if target.busy else chat.open_upstream(turn, services.llm)
     try:
         chat.store_turn(db.session, turn, limits)

@@ -290,10 +290,10 @@ class RelaySettings:
 
 
 def open_upstream(turn: PreparedTurn, llm: LLMClient) -> Greenlet:
-    """Send the turn to the model from a short-lived greenlet, which runs as soon as the caller waits on
-    something: on PostgreSQL that is the INSERT of the turn, so the model starts while the turn is stored;
-    SQLite's calls never yield, so there the request leaves when the response starts. Its value: the
-    open ChatStream, or the LLMError it met."""
+    """Send the turn to the model from a short-lived greenlet, and let it run at once: the request leaves
+    before the turn is stored (the model's first token is the longest wait of a send), then the greenlet
+    waits on the model's answer while the caller stores the turn. Its value: the open ChatStream, or the
+    LLMError it met."""
     source = turn.source
 
     def opening():
@@ -303,7 +303,11 @@ def open_upstream(turn: PreparedTurn, llm: LLMClient) -> Greenlet:
         except Exception as error:  # noqa: BLE001 - handed to the relay, which ends the stream with it
             return error if isinstance(error, LLMError) else _unexpected(error, "opening the model's stream")
 
-    return logs.spawn(opening)
+    greenlet = logs.spawn(opening)
+    # Without this the request would leave only when the caller first waits: on PostgreSQL during the INSERT,
+    # on SQLite (whose calls never yield) only once the response starts, after the commit.
+    gevent.sleep(0)
+    return greenlet
 
 
 def _unexpected(error: Exception, doing: str) -> LLMError:
