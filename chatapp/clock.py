@@ -29,11 +29,16 @@ def reset() -> None:
 
 
 def isoformat(moment: datetime | None) -> str | None:
+    """UTC with milliseconds and a Z: 2026-01-02T03:04:05.678Z (naive values are UTC already).
+
+    Every timestamp of every list and history row passes here, so it uses datetime's own C formatting:
+    strftime and astimezone made it a tenth of the CPU of a GET /conversation.
+    """
     if moment is None:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    if moment.tzinfo is not timezone.utc:
+        moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 _last_ms = 0

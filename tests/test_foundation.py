@@ -12,13 +12,13 @@ import runpy
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 import config
-from chatapp import create_app, crypto
+from chatapp import clock, create_app, crypto
 from chatapp.extensions import db
 from tests.conftest import PG_URL, ROOT, assert_error, remember_secret
 
@@ -73,6 +73,20 @@ def make_app(settings):
 
 def new_request_id() -> str:
     return f"test-{uuid.uuid4().hex}"
+
+
+# ------------------------------------------------------------------ the API's timestamps
+
+
+@pytest.mark.parametrize(("moment", "expected"), [
+    (datetime(2026, 1, 2, 3, 4, 5, 678999, tzinfo=timezone.utc), "2026-01-02T03:04:05.678Z"),  # truncated
+    (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05.000Z"),  # naive: stored UTC
+    (datetime(2026, 1, 2, 8, 4, 5, 1000, tzinfo=timezone(timedelta(hours=5))), "2026-01-02T03:04:05.001Z"),
+    (datetime(2025, 12, 31, 23, 30, tzinfo=timezone(timedelta(hours=-1))), "2026-01-01T00:30:00.000Z"),
+    (None, None),
+])
+def test_timestamps_are_utc_with_milliseconds_and_z(moment, expected):
+    assert clock.isoformat(moment) == expected
 
 
 # ------------------------------------------------------------------ every error kind, one shape
