@@ -135,7 +135,8 @@ _OUTAGE_WORDS = ("connect", "unable to open database", "database is locked")
 
 
 def handle_database_error(error: DBAPIError):
-    # A lost connection is an outage, not a bug: answer 503 so clients retry; the pool pre-pings and recovers.
+    # A lost connection is an outage, not a bug: answer 503 so clients retry. The pool recovers by itself
+    # (the failed connection invalidates it, and idle connections are checked before use).
     reason = str(error.orig).lower()
     if error.connection_invalidated or any(word in reason for word in _OUTAGE_WORDS):
         log.warning("database unavailable: %s", type(error.orig).__name__)

@@ -16,7 +16,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+import chatapp
 import config
 from chatapp import clock, create_app, crypto
 from chatapp.extensions import db
@@ -87,6 +89,41 @@ def new_request_id() -> str:
 ])
 def test_timestamps_are_utc_with_milliseconds_and_z(moment, expected):
     assert clock.isoformat(moment) == expected
+
+
+# ------------------------------------------------------------------ the database pool
+
+
+def _pings(monkeypatch, app) -> list:
+    pings = []
+    with app.app_context():
+        dialect = db.engine.dialect
+        real = dialect.do_ping
+        monkeypatch.setattr(dialect, "do_ping", lambda connection: pings.append(connection) or real(connection))
+    return pings
+
+
+def test_a_connection_used_a_moment_ago_is_not_pinged(app, monkeypatch):
+    monkeypatch.setattr(chatapp, "POOL_PING_IDLE_SECONDS", 60)
+    pings = _pings(monkeypatch, app)
+    with app.app_context():
+        for _ in range(3):
+            with db.engine.connect() as connection:
+                assert connection.execute(text("select 1")).scalar() == 1
+    assert pings == []  # no round trip of its own on a busy server
+
+
+def test_an_idle_pooled_connection_that_died_is_replaced_before_use(app, monkeypatch):
+    monkeypatch.setattr(chatapp, "POOL_PING_IDLE_SECONDS", 0)  # every pooled connection counts as idle
+    pings = _pings(monkeypatch, app)
+    with app.app_context():
+        with db.engine.connect() as connection:
+            dead = connection.connection.dbapi_connection
+        dead.close()  # as a database restart or an idle timeout would, while it waits in the pool
+        with db.engine.connect() as connection:
+            assert connection.execute(text("select 1")).scalar() == 1  # the request never saw it
+            assert connection.connection.dbapi_connection is not dead
+    assert dead in pings
 
 
 # ------------------------------------------------------------------ every error kind, one shape
