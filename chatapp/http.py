@@ -23,6 +23,19 @@ class NoCookieSessions(SessionInterface):
         return None
 
 
+def read_without_a_transaction():
+    """An authenticated GET only reads: its statements run without BEGIN and ROLLBACK.
+
+    On PostgreSQL those are two of the four round trips of a GET /conversation. Each statement still reads
+    one consistent snapshot, as it did inside a READ COMMITTED transaction. The isolation level goes back
+    to the default when the connection returns to the pool. (Not registered for SQLite: see create_app.)
+    """
+    if request.method == "GET" and "Authorization" in request.headers:  # the session check will query
+        from chatapp.extensions import db
+
+        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def check_json_body():
     """Bodies are JSON objects: say so clearly (400/415) instead of a confusing field-by-field 422."""
     if request.method not in _BODY_METHODS or request.path.startswith("/api/v1/storage/"):

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 import chatapp
 import config
@@ -124,6 +124,28 @@ def test_an_idle_pooled_connection_that_died_is_replaced_before_use(app, monkeyp
             assert connection.execute(text("select 1")).scalar() == 1  # the request never saw it
             assert connection.connection.dbapi_connection is not dead
     assert dead in pings
+
+
+@pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's driver begins no transaction for reads")
+def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
+    seen = []
+
+    def record(connection, _cursor, statement, *_rest):
+        seen.append((statement.split()[0], connection.get_execution_options().get("isolation_level")))
+
+    with app.app_context():
+        event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        assert api.get("/api/v1/conversation", token=alice.access).status_code == 200
+        reads, seen[:] = list(seen), []
+        assert api.post("/api/v1/conversation/create", json={}, token=alice.access).status_code == 201
+        writes = list(seen)
+    finally:
+        with app.app_context():
+            event.remove(db.engine, "before_cursor_execute", record)
+    assert reads and all(level == "AUTOCOMMIT" for _, level in reads), reads
+    # The pooled connection went back to transactions: a write's statements still commit together.
+    assert any(kind == "INSERT" for kind, _ in writes) and all(level is None for _, level in writes), writes
 
 
 # ------------------------------------------------------------------ every error kind, one shape
