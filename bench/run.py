@@ -45,7 +45,7 @@ BOOST_NICE = -10  # load generator and upstream (needs root; without it they run
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PASSWORD = "bench correct horse battery staple"
-MODELS = ("bench", "bench-close", "bench-hold")
+MODELS = ("bench", "bench-close", "bench-hold", "bench-short")
 UPSTREAM = {"first_delay": 0.05, "gap": 0.02, "chunks": 50, "hold_gap": 0.5, "hold_chunks": 200}
 SMOKE_UPSTREAM = {**UPSTREAM, "gap": 0.005, "chunks": 10}  # the smoke checks the harness, not the figures
 
@@ -644,7 +644,7 @@ class Bench:
 
     def conversations_needed(self) -> int:
         cfg = self.cfg
-        return (1 + cfg["warmup"][0] + 1 + cfg["c50"] + cfg["c200"] + cfg["c50"] + sum(cfg["holds"])
+        return (1 + cfg["warmup"][0] + 1 + cfg["c50"] + cfg["c200"] + cfg["c50"] * 2 + sum(cfg["holds"])
                 + HOLD_WARMUP * len(cfg["holds"]) + 50)
 
     def create_pg_database(self) -> tuple[str | None, str]:
@@ -722,15 +722,19 @@ class Bench:
     # -------------------------------------------------------------- phases
     def stream_phases(self) -> None:
         cfg, up = self.cfg, self.up
+        chunks = up["chunks"]
         phases = [
-            ("warmup", "bench", cfg["warmup"][0], cfg["warmup"][1]),
-            ("c1", "bench", 1, cfg["c1_rounds"]),
-            ("c50", "bench", cfg["c50"], cfg["c50_rounds"]),
-            ("c200", "bench", cfg["c200"], cfg["c200_rounds"]),
-            ("c50_close", "bench-close", cfg["c50"], cfg["close_rounds"]),
+            ("warmup", "bench", cfg["warmup"][0], cfg["warmup"][1], chunks),
+            ("c1", "bench", 1, cfg["c1_rounds"], chunks),
+            ("c50", "bench", cfg["c50"], cfg["c50_rounds"], chunks),
+            ("c200", "bench", cfg["c200"], cfg["c200_rounds"], chunks),
+            ("c50_close", "bench-close", cfg["c50"], cfg["close_rounds"], chunks),
+            # The same load as c50 with one-chunk replies: its CPU is the cost per reply, and c50's CPU less this,
+            # spread over the other chunks, is the cost per relayed chunk (derive()).
+            ("c50_short", "bench-short", cfg["c50"], cfg["c50_rounds"], 1),
         ]
-        stream_seconds = up["first_delay"] + up["gap"] * (up["chunks"] - 1)
-        for index, (phase, model, concurrency, rounds) in enumerate(phases):
+        for index, (phase, model, concurrency, rounds, chunks) in enumerate(phases):
+            stream_seconds = up["first_delay"] + up["gap"] * (chunks - 1)
             estimate = rounds * (stream_seconds + 0.3) + 1  # per system, on a server that keeps up
             max_seconds = estimate * 3 + 5  # no new stream starts after this; a slow system is cut short
             if self.remaining() < estimate * 1.5 * len(self.systems):
@@ -739,7 +743,7 @@ class Bench:
             results = self.report["phases"].setdefault(phase, {})
             for system in self.order(self.systems, index):
                 spec = {**system_spec(system, model, concurrency), "mode": "stream", "concurrency": concurrency,
-                        "rounds": rounds, "chunks": up["chunks"], "max_seconds": max_seconds}
+                        "rounds": rounds, "chunks": chunks, "max_seconds": max_seconds}
                 try:
                     result = self.measured(system, spec, max_seconds + 90)
                 except BenchError as exc:
@@ -950,6 +954,15 @@ def derive(report: dict) -> dict:
                 cpu += mine["server_cpu"]
                 chunks += mine["chunks"]
         out["cpu_per_chunk_us"] = cpu / chunks * 1e6 if chunks else None
+        # Per reply (one-chunk replies) and per further chunk (c50's replies less that): the two costs the per-chunk
+        # figure above mixes; with 50-chunk replies a reply's fixed cost adds its 1/50th to every chunk.
+        short, full = phases.get("c50_short", {}).get(name), phases.get("c50", {}).get(name)
+        if short and full and "failed" not in short and "failed" not in full and short.get("ok") and full.get("ok"):
+            per_reply = short["server_cpu"] / short["ok"]
+            out["cpu_per_reply_ms"] = per_reply * 1e3
+            per_chunks = full["chunks"] / full["ok"]
+            if per_chunks > 1:
+                out["cpu_per_further_chunk_us"] = (full["server_cpu"] / full["ok"] - per_reply) / (per_chunks - 1) * 1e6
     return derived
 
 
@@ -1121,6 +1134,10 @@ def render(report: dict, derived: dict, verdicts: list[dict]) -> str:
     row(f"C={c50} total stream time p50 (ms)", [cell("c50", n, lambda r: ms(r["total"]["p50"])) for n in names])
     row(f"server CPU per chunk, C={c50}+{c200} (us)",
         [("-" if derived[n].get("cpu_per_chunk_us") is None else f"{derived[n]['cpu_per_chunk_us']:.0f}")
+         for n in names])
+    row("  of which per reply (ms) / per further chunk (us)",
+        [("-" if derived[n].get("cpu_per_reply_ms") is None else f"{derived[n]['cpu_per_reply_ms']:.2f} / " +
+          ("-" if derived[n].get("cpu_per_further_chunk_us") is None else f"{derived[n]['cpu_per_further_chunk_us']:.0f}"))
          for n in names])
     row(f"loadgen CPU per chunk, C={c200} (us)",
         [cell("c200", n, lambda r: f"{r['loadgen_cpu'] / r['chunks'] * 1e6:.0f}") for n in names])

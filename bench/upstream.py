@@ -14,7 +14,8 @@ preset (any other name gets ``bench``):
                    content chunk every --gap, --chunks content chunks in all, then finish, usage, [DONE];
 * ``bench-close``  the same, but close-delimited (no Content-Length, no chunking: the body ends
                    when the socket closes), the case that line-buffered clients get wrong;
-* ``bench-hold``   a slow stream for the hold test: one chunk every --hold-gap, --hold-chunks in all.
+* ``bench-hold``   a slow stream for the hold test: one chunk every --hold-gap, --hold-chunks in all;
+* ``bench-short``  as ``bench`` with one content chunk: a relay's cost per reply, apart from its cost per chunk.
 
 Every content piece carries the marker ``@@`` exactly once, so a client can count content chunks in
 raw bytes whatever the relay re-encodes. Without ``"stream": true`` it answers one JSON completion.
@@ -47,6 +48,7 @@ class Upstream:
             "bench": (first_delay, gap, chunks, False),
             "bench-close": (first_delay, gap, chunks, True),
             "bench-hold": (first_delay, hold_gap, hold_chunks, False),
+            "bench-short": (first_delay, gap, 1, False),
         }
         self.active = 0
         self.peak = 0
