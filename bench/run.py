@@ -730,7 +730,7 @@ class Bench:
             ("c200", "bench", cfg["c200"], cfg["c200_rounds"], chunks),
             ("c50_close", "bench-close", cfg["c50"], cfg["close_rounds"], chunks),
             # The same load as c50 with one-chunk replies: its CPU is the cost per reply, and c50's CPU less this,
-            # spread over the other chunks, is the cost per relayed chunk (derive()).
+            # spread over the other chunks, the cost of each further chunk (derive()).
             ("c50_short", "bench-short", cfg["c50"], cfg["c50_rounds"], 1),
         ]
         for index, (phase, model, concurrency, rounds, chunks) in enumerate(phases):
