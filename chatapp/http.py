@@ -28,7 +28,7 @@ def read_without_a_transaction():
 
     On PostgreSQL those are two of the four round trips of a GET /conversation. Each statement still reads
     one consistent snapshot, as it did inside a READ COMMITTED transaction. The isolation level goes back
-    to the default when the connection returns to the pool. (Not registered for SQLite: see create_app.)
+    to the default when the connection returns to the pool. (Not registered for SQLite: see register_request_rules.)
     """
     if request.method == "GET" and "Authorization" in request.headers:  # the session check will query
         from chatapp.extensions import db
