@@ -35,6 +35,16 @@ def _id_column() -> Mapped[str]:
     return mapped_column(String(36), primary_key=True, default=new_id)
 
 
+def _same_as_created(context) -> datetime:
+    """A new row's updated_at is its created_at, not a second clock reading.
+
+    Two readings of the millisecond clock straddle a tick now and then, and a fresh row would then
+    look edited a millisecond after it was made. SQLAlchemy fills defaults in column order, so
+    created_at (declared first) is already in the parameters here.
+    """
+    return context.get_current_parameters().get("created_at") or now()
+
+
 class User(db.Model):
     __tablename__ = "users"
 
@@ -46,7 +56,7 @@ class User(db.Model):
     # Bumped by a password change: every token carrying an older value is dead at once.
     token_version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now, onupdate=now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_same_as_created, onupdate=now)
 
 
 class AuthSession(db.Model):
@@ -80,7 +90,7 @@ class ModelConfig(db.Model):
     api_key_hint: Mapped[str | None] = mapped_column(String(32))
     params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_same_as_created)
 
     __table_args__ = (Index("ix_model_configs_user_created", "user_id", "created_at", "id"),)
 
@@ -93,7 +103,7 @@ class Conversation(db.Model):
     title: Mapped[str | None] = mapped_column(String(200))
     model_config_id: Mapped[str | None] = mapped_column(ForeignKey("model_configs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_same_as_created)
 
     model_config: Mapped[ModelConfig | None] = relationship(lazy="raise")
 
@@ -116,7 +126,7 @@ class Message(db.Model):
     error_code: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(128))  # which process streams it (for the reaper)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_same_as_created)
 
     __table_args__ = (
         Index("ix_messages_conversation_created", "conversation_id", "created_at", "id"),

@@ -11,6 +11,7 @@ import re
 import runpy
 import subprocess
 import sys
+import types
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -89,6 +90,17 @@ def new_request_id() -> str:
 ])
 def test_timestamps_are_utc_with_milliseconds_and_z(moment, expected):
     assert clock.isoformat(moment) == expected
+
+
+def test_a_new_row_is_not_edited_a_millisecond_after_it_was_made(api, alice, monkeypatch):
+    # Every reading of the clock lands on a later millisecond, as two readings now and then do for real.
+    real, ticks = clock.time, iter(range(10**6))
+    monkeypatch.setattr(clock, "time", types.SimpleNamespace(time=lambda: real.time() + next(ticks) / 1000))
+    config = api.post("model_config/create", {"name": "c", "base_url": "http://127.0.0.1:9/v1", "model": "m"},
+                      token=alice.access).get_json()
+    conversation = api.post("conversation/create", {"model_config_id": config["id"]}, token=alice.access).get_json()
+    for row in (config, conversation):
+        assert row["created_at"] == row["updated_at"], row
 
 
 # ------------------------------------------------------------------ the database pool
