@@ -160,6 +160,19 @@ def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
     assert any(kind == "INSERT" for kind, _ in writes) and all(level is None for _, level in writes), writes
 
 
+def test_the_streaming_rows_predicate_is_sql_not_a_parameter():
+    # Bound, the value decides whether the partial index uq_messages_one_streaming applies: SQLite then
+    # prepares the send's SELECT again at every execution, and a PostgreSQL generic plan scans every message.
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from chatapp.services.chat import _LOAD_FOR_SEND
+
+    for dialect in (sqlite.dialect(), postgresql.dialect()):
+        compiled = _LOAD_FOR_SEND.compile(dialect=dialect)
+        assert "status = 'streaming'" in str(compiled)
+        assert "streaming" not in compiled.params.values()
+
+
 # ------------------------------------------------------------------ every error kind, one shape
 
 
