@@ -160,6 +160,42 @@ def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
     assert any(kind == "INSERT" for kind, _ in writes) and all(level is None for _, level in writes), writes
 
 
+def _conversation(api, account, fake_upstream) -> str:
+    config = api.post("model_config/create", {"name": "c", "base_url": fake_upstream.base_url, "model": "m"},
+                      token=account.access).get_json()
+    return api.post("conversation/create", {"model_config_id": config["id"]}, token=account.access).get_json()["id"]
+
+
+def _send(api, account, conversation_id: str) -> None:
+    with api.client.post("/api/v1/chat/send", headers={"Authorization": f"Bearer {account.access}"},
+                         json={"conversation_id": conversation_id, "message": {"content": "hi"}}) as reply:
+        assert reply.status_code == 200
+        assert b"message.completed" in reply.get_data()
+
+
+@pytest.mark.skipif(bool(PG_URL), reason="SQLite only")
+def test_sends_leave_sqlites_prepared_statements_alone(app, api, alice, fake_upstream):
+    # An isolation-level reset (what autocommit costs SQLite when the connection goes back to the pool) runs
+    # PRAGMA read_uncommitted, which expires every statement prepared on the connection: each statement of
+    # the next request on it was parsed and planned again.
+    ran = []
+    with app.app_context():
+        db.engine.dispose()  # every connection from here on is traced
+
+        def trace(dbapi_connection, _record):
+            dbapi_connection.set_trace_callback(ran.append)
+
+        event.listen(db.engine, "connect", trace)
+    try:
+        _send(api, alice, _conversation(api, alice, fake_upstream))
+        _send(api, alice, _conversation(api, alice, fake_upstream))
+    finally:
+        with app.app_context():
+            event.remove(db.engine, "connect", trace)
+    assert any(statement.startswith("UPDATE messages") for statement in ran), ran  # the replies were saved
+    assert not [statement for statement in ran if "read_uncommitted" in statement]
+
+
 def test_the_streaming_rows_predicate_is_sql_not_a_parameter():
     # Bound, the value decides whether the partial index uq_messages_one_streaming applies: SQLite then
     # prepares the send's SELECT again at every execution, and a PostgreSQL generic plan scans every message.
