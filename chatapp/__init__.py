@@ -170,13 +170,14 @@ def register_tokens(app: Flask) -> None:
 
 
 def register_request_rules(app: Flask) -> None:
-    from chatapp.http import NoCookieSessions, check_json_body, read_without_a_transaction, security_headers
+    from chatapp.http import NoCookieSessions, check_json_body, security_headers, without_a_transaction
 
     app.session_interface = NoCookieSessions()
     app.before_request(check_json_body)
     if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
-        # (SQLite's driver begins no transaction for reads, and switching its isolation level costs PRAGMAs.)
-        app.before_request(read_without_a_transaction)
+        # (SQLite's driver begins no transaction for reads, and switching its isolation level back runs a PRAGMA
+        # that expires every statement prepared on the connection: see chat._single_write.)
+        app.before_request(without_a_transaction)
     app.after_request(security_headers)
 
 

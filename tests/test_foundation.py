@@ -160,6 +160,27 @@ def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
     assert any(kind == "INSERT" for kind, _ in writes) and all(level is None for _, level in writes), writes
 
 
+@pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's driver begins no transaction for reads")
+def test_a_send_runs_without_begin_and_commit_and_stores_its_turn(app, api, alice, fake_upstream):
+    conversation_id = _conversation(api, alice, fake_upstream)
+    seen = []
+
+    def record(connection, _cursor, statement, *_rest):
+        seen.append((statement.split()[0], connection.get_execution_options().get("isolation_level")))
+
+    with app.app_context():
+        event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        _send(api, alice, conversation_id)
+    finally:
+        with app.app_context():
+            event.remove(db.engine, "before_cursor_execute", record)
+    assert [kind for kind, _ in seen] == ["SELECT", "SELECT", "INSERT", "UPDATE"], seen
+    assert all(level == "AUTOCOMMIT" for _, level in seen), seen
+    items = api.get(f"chat/{conversation_id}", token=alice.access).get_json()["items"]
+    assert [(item["role"], item["status"]) for item in items] == [("user", "completed"), ("assistant", "completed")]
+
+
 def _conversation(api, account, fake_upstream) -> str:
     config = api.post("model_config/create", {"name": "c", "base_url": fake_upstream.base_url, "model": "m"},
                       token=account.access).get_json()
