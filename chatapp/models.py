@@ -40,7 +40,8 @@ def _same_as_created(context) -> datetime:
 
     Two readings of the millisecond clock straddle a tick now and then, and a fresh row would then
     look edited a millisecond after it was made. SQLAlchemy fills defaults in column order, so
-    created_at (declared first) is already in the parameters here.
+    created_at (declared first) is already in the parameters here. (A multi-row insert().values([...])
+    that leaves created_at out falls back to the clock; nothing here writes rows that way.)
     """
     return context.get_current_parameters().get("created_at") or now()
 

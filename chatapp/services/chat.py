@@ -228,6 +228,8 @@ def _insert_turn(session: Session, conversation_id: str, rows: list[dict], *, st
             session.commit()
             return
         except IntegrityError:
+            # On PostgreSQL a send runs in autocommit (http.without_a_transaction); the rollback hands that
+            # connection back, so the reaper's SELECT and UPDATE and the retry run in a transaction of their own.
             session.rollback()
             # Another reply is streaming here, unless its worker died (or, alive, outlived the stream limit
             # without saving, e.g. the final UPDATE failed): then free the conversation once.
@@ -522,7 +524,8 @@ def reap_stale_streams(session: Session, *, conversation_id: str | None = None,
     stale = [row.id for row in session.execute(query)
              if not clock.worker_alive(row.worker) or (cutoff is not None and row.created_at < cutoff)]
     if stale:
-        session.execute(update(Message).where(Message.id.in_(stale), IS_STREAMING).values(
+        # Core, not ORM: the ORM cannot evaluate IS_STREAMING in Python and would fetch the ids back (RETURNING).
+        session.execute(update(Message.__table__).where(Message.__table__.c.id.in_(stale), IS_STREAMING).values(
             status="incomplete", finish_reason="cancelled", worker=None, updated_at=clock.now()))
         log.warning("marked %d stale streams incomplete", len(stale))
     return len(stale)
