@@ -3,6 +3,7 @@ response headers. The same tests run on SQLite and, with CHATAPP_TEST_DATABASE_U
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -138,8 +139,9 @@ def test_an_idle_pooled_connection_that_died_is_replaced_before_use(app, monkeyp
     assert dead in pings
 
 
-@pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's driver begins no transaction for reads")
-def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
+@contextlib.contextmanager
+def _statements(app):
+    """Every statement run meanwhile, as (its first word, its connection's isolation level)."""
     seen = []
 
     def record(connection, _cursor, statement, *_rest):
@@ -148,13 +150,19 @@ def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
     with app.app_context():
         event.listen(db.engine, "before_cursor_execute", record)
     try:
+        yield seen
+    finally:
+        with app.app_context():
+            event.remove(db.engine, "before_cursor_execute", record)
+
+
+@pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's driver begins no transaction for reads")
+def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
+    with _statements(app) as seen:
         assert api.get("/api/v1/conversation", token=alice.access).status_code == 200
         reads, seen[:] = list(seen), []
         assert api.post("/api/v1/conversation/create", json={}, token=alice.access).status_code == 201
         writes = list(seen)
-    finally:
-        with app.app_context():
-            event.remove(db.engine, "before_cursor_execute", record)
     assert reads and all(level == "AUTOCOMMIT" for _, level in reads), reads
     # The pooled connection went back to transactions: a write's statements still commit together.
     assert any(kind == "INSERT" for kind, _ in writes) and all(level is None for _, level in writes), writes
@@ -163,18 +171,8 @@ def test_an_authenticated_get_reads_without_begin_and_rollback(app, api, alice):
 @pytest.mark.skipif(not PG_URL, reason="PostgreSQL only: SQLite's driver begins no transaction for reads")
 def test_a_send_runs_without_begin_and_commit_and_stores_its_turn(app, api, alice, fake_upstream):
     conversation_id = _conversation(api, alice, fake_upstream)
-    seen = []
-
-    def record(connection, _cursor, statement, *_rest):
-        seen.append((statement.split()[0], connection.get_execution_options().get("isolation_level")))
-
-    with app.app_context():
-        event.listen(db.engine, "before_cursor_execute", record)
-    try:
+    with _statements(app) as seen:
         _send(api, alice, conversation_id)
-    finally:
-        with app.app_context():
-            event.remove(db.engine, "before_cursor_execute", record)
     assert [kind for kind, _ in seen] == ["SELECT", "SELECT", "INSERT", "UPDATE"], seen
     assert all(level == "AUTOCOMMIT" for _, level in seen), seen
     items = api.get(f"chat/{conversation_id}", token=alice.access).get_json()["items"]
