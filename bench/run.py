@@ -1139,6 +1139,10 @@ def render(report: dict, derived: dict, verdicts: list[dict]) -> str:
         [("-" if derived[n].get("cpu_per_reply_ms") is None else f"{derived[n]['cpu_per_reply_ms']:.2f} / " +
           ("-" if derived[n].get("cpu_per_further_chunk_us") is None else f"{derived[n]['cpu_per_further_chunk_us']:.0f}"))
          for n in names])
+    # The same upstream doing the same work per chunk in both phases: what an idle machine adds to every wake-up.
+    row(f"upstream CPU per chunk, C={c1} / C={c50} (us)",
+        ["/".join(cell(p, n, lambda r: f"{r['upstream_cpu'] / r['chunks'] * 1e6:.0f}" if r.get("chunks") else "-")
+                  for p in ("c1", "c50")) for n in names])
     row(f"loadgen CPU per chunk, C={c200} (us)",
         [cell("c200", n, lambda r: f"{r['loadgen_cpu'] / r['chunks'] * 1e6:.0f}") for n in names])
     lines.append("PROCESS (direct = the fake upstream itself)")
