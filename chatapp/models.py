@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, literal_column
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -129,9 +129,14 @@ class Message(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_same_as_created)
 
-    __table_args__ = (
-        Index("ix_messages_conversation_created", "conversation_id", "created_at", "id"),
-        # At most one reply streams per conversation, decided by the database across all workers.
-        Index("uq_messages_one_streaming", "conversation_id", unique=True,
-              sqlite_where=text("status = 'streaming'"), postgresql_where=text("status = 'streaming'")),
-    )
+    __table_args__ = (Index("ix_messages_conversation_created", "conversation_id", "created_at", "id"),)
+
+
+# The rows that are streaming: the predicate of the partial index below, and the one expression queries use to
+# find them. It is SQL, not a bound value: when a bound value decides whether a partial index applies, SQLite
+# prepares the statement again at every execution, and a PostgreSQL generic plan cannot use the index (it scans
+# every message), so a prepared statement is planned again each time instead.
+IS_STREAMING = Message.__table__.c.status == literal_column("'streaming'")
+# At most one reply streams per conversation, decided by the database across all workers.
+Index("uq_messages_one_streaming", Message.__table__.c.conversation_id, unique=True,
+      sqlite_where=IS_STREAMING, postgresql_where=IS_STREAMING)

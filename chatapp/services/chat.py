@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import gevent
 from gevent import Greenlet, GreenletExit
-from sqlalchemy import Engine, String, and_, bindparam, func, insert, literal_column, or_, update
+from sqlalchemy import Engine, String, and_, bindparam, func, insert, or_, update
 from sqlalchemy import select as select_rows
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from chatapp import clock, logs, sse
 from chatapp.errors import Conflict, NotFound, TooManyRequests
 from chatapp.llm import ChatStream, ContentDelta, LLMClient, LLMError, ReasoningDelta
-from chatapp.models import Conversation, Message, ModelConfig
+from chatapp.models import IS_STREAMING, Conversation, Message, ModelConfig
 from chatapp.services import content as contents
 from chatapp.services.model_configs import ModelSource, StoredConfig
 from chatapp.storage import Storage
@@ -125,13 +125,6 @@ def load_for_send(session: Session, user_id: str, conversation_id: str, *, confi
                               first.config_api_key_encrypted, first.config_params)
     context = [{"role": row.role, "content": row.content} for row in rows if row.role is not None]
     return SendTarget(first.id, first.user_id, first.model_config_id, bool(first.busy), config, context)
-
-
-# The partial index's predicate (uq_messages_one_streaming) written into the SQL rather than bound: when a bound
-# value decides whether a partial index applies, SQLite prepares the statement again at every execution (for
-# the send's SELECT, 0.15 ms of its 0.18), and a PostgreSQL generic plan cannot use the index (it scans every
-# message), so a prepared statement is planned again each time instead.
-IS_STREAMING = Message.__table__.c.status == literal_column("'streaming'")
 
 
 def _load_for_send_statement():
