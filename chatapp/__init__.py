@@ -1,7 +1,7 @@
 """chatapp: a chat backend for bring-your-own OpenAI-compatible model endpoints.
 
-Imports stay inside the functions: gunicorn's master imports chatapp.logs for its log format before
-the gevent worker has patched anything, so importing this package must not pull in flask or a driver.
+Imports stay inside the functions, so importing the package stays light: gunicorn's log configuration
+imports chatapp.logs for its format, and the `flask` CLI's commands need only some of the app.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import runpy
 import subprocess
 import sys
 import types
@@ -655,26 +654,38 @@ def test_postgres_urls_use_psycopg3(given, expected):
 # ------------------------------------------------------------------ gunicorn settings
 
 
-def _gunicorn_conf(monkeypatch, **env) -> dict:
-    for name in ("CHATAPP_WORKERS", "CHATAPP_WORKER_CONNECTIONS", "CHATAPP_LOG_FILE", "HOST", "PORT"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+_READ_GUNICORN_CONF = """
+import json, runpy
+from gevent import monkey
+conf = runpy.run_path("gunicorn.conf.py")
+settings = {name: value for name, value in conf.items()
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool, dict, type(None)))}
+print(json.dumps({**settings, "patched": monkey.is_module_patched("socket")}))
+"""
 
 
-def test_gunicorn_conf_is_gevent_without_preload(monkeypatch):
-    conf = _gunicorn_conf(monkeypatch)
+def _gunicorn_conf(**env) -> dict:
+    """gunicorn.conf.py's settings, read in a process of its own as gunicorn's master does: it monkey-patches."""
+    environ = {name: value for name, value in os.environ.items()
+               if name not in ("CHATAPP_WORKERS", "CHATAPP_WORKER_CONNECTIONS", "CHATAPP_LOG_FILE", "HOST", "PORT")}
+    result = subprocess.run([sys.executable, "-c", _READ_GUNICORN_CONF], cwd=ROOT, env={**environ, **env},
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def test_gunicorn_conf_is_gevent_with_preload_after_the_patch():
+    conf = _gunicorn_conf()
     assert conf["worker_class"] == "gevent"
-    assert conf["preload_app"] is False
+    assert conf["preload_app"] is True and conf["patched"] is True  # the app is loaded into a patched master
+    assert conf["control_socket_disable"] is True
     assert conf["bind"] == "127.0.0.1:8000"
     assert conf["workers"] == 2 and conf["worker_connections"] == 5000
     assert conf["timeout"] >= 30 and conf["graceful_timeout"] >= 10
     assert conf["accesslog"] is None  # the app writes the one access line per request
 
 
-def test_gunicorn_conf_honours_the_environment(monkeypatch, tmp_path):
-    conf = _gunicorn_conf(monkeypatch, CHATAPP_WORKERS="7", CHATAPP_WORKER_CONNECTIONS="123",
+def test_gunicorn_conf_honours_the_environment(tmp_path):
+    conf = _gunicorn_conf(CHATAPP_WORKERS="7", CHATAPP_WORKER_CONNECTIONS="123",
                           HOST="0.0.0.0", PORT="9123", CHATAPP_LOG_FILE=str(tmp_path / "g.log"))
     assert (conf["workers"], conf["worker_connections"], conf["bind"]) == (7, 123, "0.0.0.0:9123")
     assert conf["logconfig_dict"]["handlers"]["file"]["filename"] == str(tmp_path / "g.log")
@@ -683,12 +694,12 @@ def test_gunicorn_conf_honours_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("log_file", [None, "chatapp.log"])
-def test_gunicorn_logconfig_is_complete_after_merging_defaults(monkeypatch, tmp_path, log_file):
+def test_gunicorn_logconfig_is_complete_after_merging_defaults(tmp_path, log_file):
     """gunicorn merges logconfig_dict over its defaults; every handler named must then exist."""
     from gunicorn.glogging import CONFIG_DEFAULTS
 
     env = {"CHATAPP_LOG_FILE": str(tmp_path / log_file)} if log_file else {}
-    merged = {**CONFIG_DEFAULTS, **_gunicorn_conf(monkeypatch, **env)["logconfig_dict"]}
+    merged = {**CONFIG_DEFAULTS, **_gunicorn_conf(**env)["logconfig_dict"]}
     handlers = set(merged["handlers"])
     assert set(merged["root"]["handlers"]) <= handlers
     for logger in merged["loggers"].values():

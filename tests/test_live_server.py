@@ -7,6 +7,8 @@ Two module-wide servers: the production app (`wsgi:app`, two workers) and a test
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -233,3 +235,34 @@ def test_lines_written_while_streaming_carry_the_request(slow_server):
         chunks = [line for line in by_id[request_id] if line["message"].startswith("stream chunk")]
         assert [line["message"] for line in chunks] == ["stream chunk 0", "stream chunk 1", "stream chunk 2"]
         assert all(line["path"] == "/test/stream" and line["method"] == "GET" for line in chunks)
+
+
+# ------------------------------------------------------------------ the master loads the app once
+
+
+def _workers(master: int) -> set[str]:
+    with open(f"/proc/{master}/task/{master}/children", encoding="ascii") as handle:
+        return set(handle.read().split())
+
+
+def test_workers_forked_after_a_reload_serve_and_log(tmp_path, _schema_template):
+    """The master loads the app once (preload_app) and forks every worker from it, a HUP's too. The HUP also
+    resets the master's logging from gunicorn's logconfig: each worker sets up its own handlers after the fork,
+    so a reload must not silence the app's log lines. Nothing the app started at load runs in a worker (no
+    traceback on stderr)."""
+    live = start_live_server(tmp_path, workers=1)
+    try:
+        master = live.process.pid
+        first = _workers(master)
+        os.kill(master, signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while not (_workers(master) and not _workers(master) & first):
+            assert time.monotonic() < deadline, "the reload forked no new worker"
+            time.sleep(0.1)
+        request_id = f"after-reload-{uuid.uuid4().hex[:8]}"
+        response = requests.get(f"{live.url}/healthz", timeout=10, headers={"X-Request-ID": request_id})
+        assert response.status_code == 200
+        wait_for_lines(live, [request_id])
+    finally:
+        stop_live_server(live)
+    assert "Traceback" not in (tmp_path / "gunicorn.stderr").read_text(errors="replace")
