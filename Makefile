@@ -31,9 +31,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-# A ~10-second run of the same harness (direct and chatapp on SQLite, tiny loads), for CI.
+# A short run of the same harness (direct and chatapp on SQLite, tiny loads), and of the A/B's, for CI.
 bench-smoke: $(STAMP)
 	$(BIN)/python bench/run.py --smoke
+	$(BIN)/python bench/ab.py HEAD --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

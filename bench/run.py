@@ -309,9 +309,10 @@ class Chatapp(System):
     kind = "chatapp"
 
     def __init__(self, name: str, label: str, database_url: str, procs: Processes, workdir: Path,
-                 upstream: Upstream) -> None:
+                 upstream: Upstream, root: Path = ROOT) -> None:
         super().__init__()
         self.name, self.label, self.database_url = name, label, database_url
+        self.root = root  # the checkout served: bench/ab.py serves another commit's beside this one
         self.procs, self.workdir, self.upstream = procs, workdir / name, upstream
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -324,7 +325,7 @@ class Chatapp(System):
     def env(self) -> dict:
         env = {key: value for key, value in os.environ.items() if not key.startswith("CHATAPP_")}
         env.update({
-            "PORT": str(self.port), "HOST": HOST, "PYTHONPATH": str(ROOT),
+            "PORT": str(self.port), "HOST": HOST, "PYTHONPATH": str(self.root),
             "CHATAPP_WORKERS": "2",  # `make run`'s setting, pinned so the comparison stays the issue's
             "CHATAPP_WORKER_CONNECTIONS": "6000",  # room for the 5,000-stream hold test in one worker
             "CHATAPP_SECRET_KEY": "bench-secret-" + "z" * 32,
@@ -342,7 +343,7 @@ class Chatapp(System):
 
     def _script(self, script: str, order: dict, timeout: float = 120) -> dict:
         result = subprocess.run([str(PY), str(BENCH / script)], input=json.dumps(order), capture_output=True,
-                                text=True, env=self.env(), cwd=ROOT, timeout=timeout)
+                                text=True, env=self.env(), cwd=self.root, timeout=timeout)
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if result.returncode or not lines:
             raise BenchError(f"{script} failed ({result.returncode}): {result.stderr[-2000:]}")
@@ -353,13 +354,14 @@ class Chatapp(System):
         if migrate:
             started = time.monotonic()
             result = subprocess.run([str(VENV_BIN / "flask"), "--app", "wsgi", "db", "upgrade"], env=self.env(),
-                                    cwd=ROOT, capture_output=True, text=True, timeout=120)
+                                    cwd=self.root, capture_output=True, text=True, timeout=120)
             if result.returncode:
                 raise BenchError(f"migrations failed: {result.stderr[-2000:]}")
             self.info["migrate_seconds"] = time.monotonic() - started
         # `make run` is `gunicorn -c gunicorn.conf.py wsgi:app`; no control socket so two servers coexist.
         self.proc = self.procs.start([VENV_BIN / "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket",
-                                      "wsgi:app"], env=self.env(), log_path=self.workdir / "gunicorn.log")
+                                      "wsgi:app"], env=self.env(), log_path=self.workdir / "gunicorn.log",
+                                     cwd=self.root)
         startup = wait_http(self.port, "/healthz", self.proc, 30)
         self.info.setdefault("startup_seconds", startup)
         return startup
