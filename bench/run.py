@@ -358,10 +358,9 @@ class Chatapp(System):
             if result.returncode:
                 raise BenchError(f"migrations failed: {result.stderr[-2000:]}")
             self.info["migrate_seconds"] = time.monotonic() - started
-        # `make run` is `gunicorn -c gunicorn.conf.py wsgi:app`; no control socket so two servers coexist.
-        self.proc = self.procs.start([VENV_BIN / "gunicorn", "-c", "gunicorn.conf.py", "--no-control-socket",
-                                      "wsgi:app"], env=self.env(), log_path=self.workdir / "gunicorn.log",
-                                     cwd=self.root)
+        # As `make run` does (gunicorn.conf.py turns the control socket off, so two servers coexist).
+        self.proc = self.procs.start([VENV_BIN / "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                     env=self.env(), log_path=self.workdir / "gunicorn.log", cwd=self.root)
         startup = wait_http(self.port, "/healthz", self.proc, 30)
         self.info.setdefault("startup_seconds", startup)
         return startup

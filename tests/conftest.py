@@ -294,6 +294,12 @@ class LiveServer:
     def api(self, path: str) -> str:
         return f"{self.url}/api/v1/{path}"
 
+    def workers(self) -> list[int]:
+        """The gunicorn master's children: its workers."""
+        master = self.process.pid
+        with open(f"/proc/{master}/task/{master}/children", encoding="ascii") as handle:
+            return [int(pid) for pid in handle.read().split()]
+
     def register(self, session: requests.Session | None = None) -> Account:
         email = f"live-{uuid.uuid4().hex[:10]}@example.com"
         response = (session or requests).post(self.api("user/register"), timeout=10, json={
@@ -332,11 +338,10 @@ def start_live_server(tmp: Path, extra_env: dict | None = None, workers: int = 1
     if not PG_URL:
         _migrate(database_url)
     stderr_path = tmp / "gunicorn.stderr"
-    # No control socket: its default path is per user, so parallel servers would fight over it.
+    # (gunicorn.conf.py turns gunicorn's control socket off, whose per-user path parallel servers would share.)
     with open(stderr_path, "ab") as stderr:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "--no-control-socket",
-             app_module],
+            [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", app_module],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
