@@ -820,13 +820,11 @@ def test_worker_stopping_mid_stream_saves_and_ends_the_stream(quiet_chat, fake):
     """A reload (HUP) or max_requests stops a worker: past its graceful timeout (2 s here) gunicorn kills the
     handlers; the reply so far is saved as incomplete and the client still gets message.completed."""
     conversation_id = quiet_chat.conversation()
-    master = quiet_chat.server.process.pid
-    with open(f"/proc/{master}/task/{master}/children", encoding="ascii") as handle:
-        (worker,) = handle.read().split()
+    (worker,) = quiet_chat.server.workers()
     stream = quiet_chat.stream(conversation_id, **inline(fake, reply="abcdefghijklmnopqrstuvwxyz", chunk_size=1,
                                                           gap=0.25))
     head = stream.until("content.delta", 2)
-    os.kill(int(worker), signal.SIGTERM)
+    os.kill(worker, signal.SIGTERM)
     events = head + stream.rest()
     completed = assert_well_formed(events, "incomplete")
     assert completed["finish_reason"] == "cancelled"

@@ -240,11 +240,6 @@ def test_lines_written_while_streaming_carry_the_request(slow_server):
 # ------------------------------------------------------------------ the master loads the app once
 
 
-def _workers(master: int) -> set[str]:
-    with open(f"/proc/{master}/task/{master}/children", encoding="ascii") as handle:
-        return set(handle.read().split())
-
-
 def test_workers_forked_after_a_reload_serve_and_log(tmp_path, _schema_template):
     """The master loads the app once (preload_app) and forks every worker from it, a HUP's too. The HUP also
     resets the master's logging from gunicorn's logconfig: each worker sets up its own handlers after the fork,
@@ -252,11 +247,10 @@ def test_workers_forked_after_a_reload_serve_and_log(tmp_path, _schema_template)
     traceback on stderr)."""
     live = start_live_server(tmp_path, workers=1)
     try:
-        master = live.process.pid
-        first = _workers(master)
-        os.kill(master, signal.SIGHUP)
+        first = set(live.workers())
+        os.kill(live.process.pid, signal.SIGHUP)
         deadline = time.monotonic() + 15
-        while not (_workers(master) and not _workers(master) & first):
+        while not (live.workers() and not first & set(live.workers())):
             assert time.monotonic() < deadline, "the reload forked no new worker"
             time.sleep(0.1)
         request_id = f"after-reload-{uuid.uuid4().hex[:8]}"
