@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import run
-from run import HOST, ROOT, Bench, Chatapp, log, tree_pss, tree_rss
+from run import ROOT, Bench, Chatapp, log, reply_costs, stream_load, tree_pss, tree_rss
 
 FIGURES = (  # key, label, format
     ("per_chunk_us", "server CPU per chunk at C=50 (us)", "{:.0f}"),
@@ -32,19 +32,17 @@ FIGURES = (  # key, label, format
 )
 
 
-def database_url(bench: Bench, name: str, kind: str, created: list[str]) -> str:
+def database_url(bench: Bench, name: str, kind: str) -> str:
     if kind == "sqlite":
         return f"sqlite:///{bench.workdir / (name + '.sqlite3')}"
-    database = f"chatapp_ab_{name}_{bench.workdir.name[-8:].lower()}"
-    subprocess.run(["createdb", "-h", HOST, "-U", "postgres", database], check=True, capture_output=True, timeout=60)
-    created.append(database)
-    return f"postgresql+psycopg://postgres@{HOST}:5432/{database}"
+    url, why = bench.create_pg_database()
+    if url is None:
+        raise run.BenchError(why)
+    return url
 
 
 def phase(bench: Bench, side: Chatapp, model: str, concurrency: int, rounds: int, chunks: int) -> dict:
-    spec = {**side.stream_spec(model, concurrency), "mode": "stream", "concurrency": concurrency,
-            "rounds": rounds, "chunks": chunks, "max_seconds": 120}
-    result = bench.measured(side, spec, 300)
+    result = bench.measured(side, stream_load(side, model, concurrency, rounds, chunks, 120), 300)
     if not result.get("ok") or result.get("errors"):
         raise run.BenchError(f"{side.name} {model} C={concurrency}: {run.brief(result)}")
     return result
@@ -54,8 +52,7 @@ def one_round(bench: Bench, side: Chatapp, cfg: dict, chunks: int) -> dict:
     full = phase(bench, side, "bench", cfg["c50"], cfg["c50_rounds"], chunks)
     short = phase(bench, side, "bench-short", cfg["c50"], cfg["c50_rounds"], 1)
     c1 = phase(bench, side, "bench", 1, cfg["c1_rounds"], chunks)
-    reply = short["server_cpu"] / short["ok"]
-    further = (full["server_cpu"] - reply * full["ok"]) / max(full["chunks"] - full["ok"], 1)
+    reply, further = reply_costs(short, full)
     return {"per_chunk_us": full["server_cpu_per_chunk_us"], "reply_ms": reply * 1e3, "further_us": further * 1e6,
             "c50_p99_ms": full["ttft"]["p99"] * 1e3, "c1_p50_ms": c1["ttft"]["p50"] * 1e3}
 
@@ -74,15 +71,14 @@ def main() -> int:
     bench = Bench(cfg, args.smoke, 3600, None)
     checkout = Path(tempfile.mkdtemp(prefix="chatapp-ab-")) / "base"
     subprocess.run(["git", "worktree", "add", "--detach", "-q", str(checkout), args.base], cwd=ROOT, check=True)
-    created: list[str] = []
     failed = True
     try:
         bench.upstream = run.Upstream(bench.procs, bench.workdir, upstream)
         sides, memory = [], {}
         per_side = rounds * (cfg["c50"] * 2 + 1) + 10  # each phase takes a conversation per concurrent stream
         for name, root in (("base", checkout), ("this", ROOT)):
-            side = Chatapp(name, name, database_url(bench, name, args.database, created), bench.procs,
-                           bench.workdir, bench.upstream, root=root)
+            side = Chatapp(name, name, database_url(bench, name, args.database), bench.procs, bench.workdir,
+                           bench.upstream, root=root)
             side.start()
             bench.settle([side.pid], 10)
             memory[name] = [tree_rss(side.pid), tree_pss(side.pid)]
@@ -101,9 +97,7 @@ def main() -> int:
         failed = False
     finally:
         bench.procs.stop_all()
-        for database in created:
-            subprocess.run(["dropdb", "-h", HOST, "-U", "postgres", "--if-exists", "--force", database],
-                           capture_output=True, timeout=60)
+        bench.drop_pg_databases()
         subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=ROOT, capture_output=True)
         shutil.rmtree(checkout.parent, ignore_errors=True)
         if failed:

@@ -541,7 +541,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="chatapp-bench-"))
         self.systems: list[System] = []
         self.upstream: Upstream | None = None
-        self.pg_database: str | None = None
+        self.pg_databases: list[str] = []  # created by create_pg_database, dropped by close()
         self.spec_count = 0
         self.notes: list[str] = []
         self.machine0: float | None = None
@@ -635,8 +635,7 @@ class Bench:
                         self.procs.stop(proxy.proc)
         # One stream through each system before measuring anything: a broken system is skipped, not timed.
         for system in list(self.systems):
-            result = self.loadgen({**system_spec(system, "bench", 1), "mode": "stream", "concurrency": 1,
-                                   "rounds": 1, "chunks": self.up["chunks"], "max_seconds": 20}, 60)
+            result = self.loadgen(stream_load(system, "bench", 1, 1, self.up["chunks"], 20), 60)
             if result["ok"] != 1:
                 self.systems.remove(system)
                 self.skip(system.name, f"a single stream failed: {result['error_kinds']}")
@@ -654,19 +653,19 @@ class Bench:
         ready = subprocess.run(["pg_isready", "-h", HOST, "-p", "5432", "-q"], timeout=15)
         if ready.returncode:
             return None, "no PostgreSQL answering on 127.0.0.1:5432"
-        name = f"chatapp_bench_{os.getpid()}_{int(time.time())}"
+        name = f"chatapp_bench_{os.getpid()}_{int(time.time())}_{len(self.pg_databases)}"
         result = subprocess.run(["createdb", "-h", HOST, "-U", "postgres", name], capture_output=True, text=True,
                                 timeout=60)
         if result.returncode:
             return None, f"createdb failed: {result.stderr.strip()}"
-        self.pg_database = name
+        self.pg_databases.append(name)
         return f"postgresql+psycopg://postgres@{HOST}:5432/{name}", ""
 
-    def drop_pg_database(self) -> None:
-        if self.pg_database:
-            subprocess.run(["dropdb", "-h", HOST, "-U", "postgres", "--if-exists", "--force", self.pg_database],
+    def drop_pg_databases(self) -> None:
+        while self.pg_databases:
+            name = self.pg_databases.pop()
+            subprocess.run(["dropdb", "-h", HOST, "-U", "postgres", "--if-exists", "--force", name],
                            capture_output=True, timeout=60)
-            self.pg_database = None
 
     # -------------------------------------------------------------- measuring helpers
     def server_pids(self) -> list[int]:
@@ -743,8 +742,7 @@ class Bench:
                 continue
             results = self.report["phases"].setdefault(phase, {})
             for system in self.order(self.systems, index):
-                spec = {**system_spec(system, model, concurrency), "mode": "stream", "concurrency": concurrency,
-                        "rounds": rounds, "chunks": chunks, "max_seconds": max_seconds}
+                spec = stream_load(system, model, concurrency, rounds, chunks, max_seconds)
                 try:
                     result = self.measured(system, spec, max_seconds + 90)
                 except BenchError as exc:
@@ -808,8 +806,7 @@ class Bench:
             startup = system.restart()  # type: ignore[attr-defined]
         except BenchError as exc:
             raise BenchError(f"restart failed: {exc}") from exc
-        self.loadgen({**system.stream_spec("bench", HOLD_WARMUP), "mode": "stream", "concurrency": HOLD_WARMUP,
-                      "rounds": 1, "chunks": self.up["chunks"], "max_seconds": 20}, 60)
+        self.loadgen(stream_load(system, "bench", HOLD_WARMUP, 1, self.up["chunks"], 20), 60)
         return startup
 
     def hold(self, system: System, count: int, ramp_timeout: float, crud_rate: int | None) -> dict:
@@ -817,7 +814,7 @@ class Bench:
         self.settle(max_wait=30)
         idle_rss = tree_rss(system.pid)
         cpu0 = tree_cpu(system.pid)
-        spec = {**system_spec(system, "bench-hold", count), "mode": "hold", "streams": count, "ramp": 256,
+        spec = {**system.stream_spec("bench-hold", count), "mode": "hold", "streams": count, "ramp": 256,
                 "ramp_timeout": ramp_timeout, "hold_seconds": self.cfg["hold_seconds"], "stall_seconds": 2.0,
                 "idle_timeout": 30}
         self.spec_count += 1
@@ -880,7 +877,7 @@ class Bench:
             if system.proc is not None and system.proc.poll() is None and system.kind != "direct":
                 self.report["systems"][system.name]["rss_after_bytes"] = tree_rss(system.pid)
         self.procs.stop_all()
-        self.drop_pg_database()
+        self.drop_pg_databases()
         if self.machine0 is not None:
             total, own = machine_busy() - self.machine0, own_cpu() - self.own0
             self.report["meta"]["cpu_seconds"] = {"machine": total, "harness_and_servers": own,
@@ -896,8 +893,10 @@ class Bench:
         self.report["notes"] = self.notes
 
 
-def system_spec(system: System, model: str, slots: int) -> dict:
-    return system.stream_spec(model, slots)
+def stream_load(system: System, model: str, concurrency: int, rounds: int, chunks: int, max_seconds: float) -> dict:
+    """The load generator's `stream` mode against `system`: `concurrency` streams at once, `rounds` times over."""
+    return {**system.stream_spec(model, concurrency), "mode": "stream", "concurrency": concurrency, "rounds": rounds,
+            "chunks": chunks, "max_seconds": max_seconds}
 
 
 # ------------------------------------------------------------------ reporting
@@ -959,12 +958,20 @@ def derive(report: dict) -> dict:
         # figure above mixes; with 50-chunk replies a reply's fixed cost adds its 1/50th to every chunk.
         short, full = phases.get("c50_short", {}).get(name), phases.get("c50", {}).get(name)
         if short and full and "failed" not in short and "failed" not in full and short.get("ok") and full.get("ok"):
-            per_reply = short["server_cpu"] / short["ok"]
+            per_reply, per_further_chunk = reply_costs(short, full)
             out["cpu_per_reply_ms"] = per_reply * 1e3
-            per_chunks = full["chunks"] / full["ok"]
-            if per_chunks > 1:
-                out["cpu_per_further_chunk_us"] = (full["server_cpu"] / full["ok"] - per_reply) / (per_chunks - 1) * 1e6
+            if per_further_chunk is not None:
+                out["cpu_per_further_chunk_us"] = per_further_chunk * 1e6
     return derived
+
+
+def reply_costs(short: dict, full: dict) -> tuple[float, float | None]:
+    """Server CPU seconds per reply (one-chunk replies) and per further chunk (full replies less that)."""
+    per_reply = short["server_cpu"] / short["ok"]
+    chunks_per_reply = full["chunks"] / full["ok"]
+    if chunks_per_reply <= 1:
+        return per_reply, None
+    return per_reply, (full["server_cpu"] / full["ok"] - per_reply) / (chunks_per_reply - 1)
 
 
 TARGETS = [
