@@ -31,10 +31,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-# A short run of the same harness (direct and chatapp on SQLite, tiny loads), and of the A/B's, for CI.
+# A short run of the same harness (direct and chatapp on SQLite, tiny loads), of the A/B's and of the
+# profiler's, for CI.
 bench-smoke: $(STAMP)
 	$(BIN)/python bench/run.py --smoke
 	$(BIN)/python bench/ab.py HEAD --smoke
+	$(BIN)/python bench/profile.py reply --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -122,11 +122,11 @@ class Processes:
             self.stop(proc)
 
 
-def _stat(pid: int) -> tuple[int, int]:
-    """(ppid, utime+stime+cutime+cstime in ticks) of one process."""
+def _stat(pid: int) -> tuple[int, int, int]:
+    """(ppid, user ticks, system ticks) of one process, its reaped children's included."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
         rest = handle.read().rsplit(")", 1)[1].split()
-    return int(rest[1]), int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
+    return int(rest[1]), int(rest[11]) + int(rest[13]), int(rest[12]) + int(rest[14])
 
 
 def process_tree(root: int) -> list[int]:
@@ -142,13 +142,19 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds (user+system, reaped children included) of a process and all its descendants."""
-    total = 0
+def tree_cpu_split(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds, reaped children included, of a process and all its descendants."""
+    user = system = 0
     for pid in process_tree(root):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            total += _stat(pid)[1]
-    return total / CLK_TCK
+            _, pid_user, pid_system = _stat(pid)
+            user, system = user + pid_user, system + pid_system
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user+system, reaped children included) of a process and all its descendants."""
+    return sum(tree_cpu_split(root))
 
 
 def machine_busy() -> float:
