@@ -227,6 +227,21 @@ def test_the_streaming_rows_predicate_is_sql_not_a_parameter():
         assert "streaming" not in compiled.params.values()
 
 
+def test_the_hot_statements_are_rendered_once():
+    # An "expanding" parameter (in_() of Python values) is rendered into the SQL text again at every
+    # execution: it made the send's SELECT cost ~35 us more on SQLite.
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from chatapp.services.chat import _INSERT_TURN, _LOAD_FOR_SEND, _SAVE_REPLY
+    from chatapp.services.conversations import _LIST_AFTER_CURSOR, _LIST_FIRST_PAGE
+    from chatapp.tokens import _SESSION_CHECK
+
+    for statement in (_SESSION_CHECK, _LOAD_FOR_SEND, _INSERT_TURN, _SAVE_REPLY, _LIST_FIRST_PAGE, _LIST_AFTER_CURSOR):
+        for dialect in (sqlite.dialect(), postgresql.dialect()):
+            compiled = statement.compile(dialect=dialect)
+            assert not [name for name, param in compiled.binds.items() if param.expanding], str(compiled)
+
+
 # ------------------------------------------------------------------ every error kind, one shape
 
 

@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import gevent
 from gevent import Greenlet, GreenletExit
-from sqlalchemy import Engine, String, and_, bindparam, func, insert, or_, update
+from sqlalchemy import Engine, String, and_, bindparam, func, insert, literal_column, or_, update
 from sqlalchemy import select as select_rows
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -139,8 +139,10 @@ def _load_for_send_statement():
                .scalar_subquery())
     busy = (select_rows(func.count()).select_from(Message.__table__)
             .where(m.conversation_id == bindparam("conversation_id"), IS_STREAMING).scalar_subquery())
-    newest = (select_rows(m.id).where(m.conversation_id == bindparam("conversation_id"),
-                                      m.status.in_(("completed", "incomplete")))
+    # The two statuses as SQL literals: in_() of Python values is an "expanding" parameter, which SQLAlchemy
+    # renders into the SQL text again at every execution (~35 us, half of this statement's cost on SQLite).
+    stored = (literal_column("'completed'"), literal_column("'incomplete'"))
+    newest = (select_rows(m.id).where(m.conversation_id == bindparam("conversation_id"), m.status.in_(stored))
               .order_by(m.created_at.desc(), m.id.desc()).limit(bindparam("context")))
     return (select_rows(c.id, c.user_id, c.model_config_id, running.label("running"), busy.label("busy"),
                         mc.id.label("config_id"), mc.base_url.label("config_base_url"),
