@@ -385,6 +385,22 @@ def test_history_pages_oldest_first(app, api, alice):
     assert history(api, alice, conversation_id, limit=5)["has_more"] is False
 
 
+def test_history_pages_through_messages_of_one_moment(app, api, alice):
+    # A turn's two rows share one created_at: the id orders them, on every page boundary.
+    conversation_id = create_conversation(api, alice)["id"]
+    with app.app_context():
+        moment, ids = clock.now(), [clock.new_id() for _ in range(4)]
+        db.session.add_all(Message(id=message_id, conversation_id=conversation_id, role="user", content="same moment",
+                                   status="completed", created_at=moment, updated_at=moment) for message_id in ids)
+        db.session.commit()
+    seen, query = [], {"limit": 1}
+    for _ in ids:
+        body = history(api, alice, conversation_id, **query)
+        seen[:0] = [item["id"] for item in body["items"]]
+        query["before"] = seen[0]
+    assert seen == ids and body["has_more"] is False
+
+
 @pytest.mark.parametrize("limit", ["0", "501", "x"])
 def test_history_limit_out_of_range(api, alice, limit):
     conversation_id = create_conversation(api, alice)["id"]

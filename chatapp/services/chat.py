@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import gevent
 from gevent import Greenlet, GreenletExit
-from sqlalchemy import Engine, String, and_, bindparam, func, insert, literal_column, or_, update
+from sqlalchemy import Engine, Row, String, and_, bindparam, func, insert, literal_column, or_, update
 from sqlalchemy import select as select_rows
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -67,20 +67,38 @@ class ChatLimits:
 def history(session: Session, storage: Storage, conversation: Conversation, *, limit: int,
             before: str | None, download_seconds: int) -> dict:
     """The newest `limit` messages before `before`, oldest first, images as fresh download URLs."""
-    query = select_rows(Message).where(Message.conversation_id == conversation.id)
+    params = {"conversation_id": conversation.id, "limit": limit + 1}
     if before:
-        anchor = session.get(Message, before)
+        anchor = session.execute(_HISTORY_ANCHOR, {"id": before}).first()
         if anchor is None or anchor.conversation_id != conversation.id:
             raise NotFound.of("message")
-        query = query.where(or_(Message.created_at < anchor.created_at,
-                                and_(Message.created_at == anchor.created_at, Message.id < anchor.id)))
-    rows = list(session.scalars(query.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit + 1)))
+        params["moment"], params["before"] = anchor.created_at, anchor.id
+    rows = session.execute(_HISTORY_BEFORE if before else _HISTORY_NEWEST, params).all()
     presign = _presigner(storage, download_seconds)
     items = [message_view(message, presign) for message in reversed(rows[:limit])]
     return {"items": items, "has_more": len(rows) > limit}
 
 
-def message_view(message: Message, presign: Callable[[str], str]) -> dict:
+def _history_statement(before: bool):
+    # Built once, as rows rather than ORM objects: a page is up to 500 messages, and loading each as an
+    # instance (identity map, state, attribute events) was a third of a GET /chat/<id>.
+    m = Message.__table__.c
+    query = select_rows(m.id, m.role, m.content, m.status, m.model, m.finish_reason, m.usage, m.reasoning_content,
+                        m.created_at).where(m.conversation_id == bindparam("conversation_id"))
+    if before:
+        query = query.where(or_(m.created_at < bindparam("moment"),
+                                and_(m.created_at == bindparam("moment"), m.id < bindparam("before"))))
+    return query.order_by(m.created_at.desc(), m.id.desc()).limit(bindparam("limit"))
+
+
+_HISTORY_NEWEST = _history_statement(before=False)
+_HISTORY_BEFORE = _history_statement(before=True)
+_HISTORY_ANCHOR = select_rows(Message.__table__.c.conversation_id, Message.__table__.c.created_at,
+                              Message.__table__.c.id).where(Message.__table__.c.id == bindparam("id"))
+
+
+def message_view(message: Row, presign: Callable[[str], str]) -> dict:
+    """A stored message (a row of the history statement) as the API shows it."""
     return {
         "id": message.id, "role": message.role, "content": contents.to_urls(message.content, presign),
         "status": message.status, "model": message.model, "finish_reason": message.finish_reason,
