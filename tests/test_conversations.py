@@ -399,6 +399,7 @@ def test_history_pages_through_messages_of_one_moment(app, api, alice):
         seen[:0] = [item["id"] for item in body["items"]]
         query["before"] = seen[0]
     assert seen == ids and body["has_more"] is False
+    assert history(api, alice, conversation_id, **query) == {"items": [], "has_more": False}  # before the oldest
 
 
 @pytest.mark.parametrize("limit", ["0", "501", "x"])

@@ -233,8 +233,8 @@ def test_the_hot_statements_are_rendered_once():
     from sqlalchemy.dialects import postgresql, sqlite
 
     from chatapp.services.chat import (
-        _HISTORY_ANCHOR,
         _HISTORY_BEFORE,
+        _HISTORY_FOUND,
         _HISTORY_NEWEST,
         _INSERT_TURN,
         _LOAD_FOR_SEND,
@@ -244,7 +244,7 @@ def test_the_hot_statements_are_rendered_once():
     from chatapp.tokens import _SESSION_CHECK
 
     for statement in (_SESSION_CHECK, _LOAD_FOR_SEND, _INSERT_TURN, _SAVE_REPLY, _LIST_FIRST_PAGE, _LIST_AFTER_CURSOR,
-                      _HISTORY_NEWEST, _HISTORY_BEFORE, _HISTORY_ANCHOR):
+                      _HISTORY_NEWEST, _HISTORY_BEFORE, _HISTORY_FOUND):
         for dialect in (sqlite.dialect(), postgresql.dialect()):
             compiled = statement.compile(dialect=dialect)
             assert not [name for name, param in compiled.binds.items() if param.expanding], str(compiled)

@@ -56,8 +56,8 @@ def get_upload_presigned_url(data):
 @blp.doc(security=ACCESS)
 def get_history(args, conversation_id):
     """Messages, oldest first: the newest `limit` before `before`; images as fresh download URLs."""
-    conversation = conversations.get_owned_conversation(db.session, current_user.id, conversation_id)
-    return chat.history(db.session, storage(), conversation, limit=args["limit"], before=args.get("before"),
+    return chat.history(db.session, storage(), user_id=current_user.id, conversation_id=conversation_id,
+                        limit=args["limit"], before=args.get("before"),
                         download_seconds=current_app.config["DOWNLOAD_URL_SECONDS"])
 
 
