@@ -100,17 +100,16 @@ def _history_statements():
     c, m = Conversation.__table__.c, Message.__table__.c
     anchor = Message.__table__.alias("anchor")
     owned = exists().where(c.id == bindparam("conversation_id"), c.user_id == bindparam("user_id"))
-    anchored = exists().where(anchor.c.id == bindparam("before"), anchor.c.conversation_id == bindparam("conversation_id"))
-    moment = (select_rows(anchor.c.created_at)  # NULL, so no row, unless `before` is a message of this conversation
-              .where(anchor.c.id == bindparam("before"), anchor.c.conversation_id == bindparam("conversation_id"))
-              .scalar_subquery())
+    is_anchor = (anchor.c.id == bindparam("before"), anchor.c.conversation_id == bindparam("conversation_id"))
+    # NULL, so no row, unless `before` names a message of this conversation.
+    moment = select_rows(anchor.c.created_at).where(*is_anchor).scalar_subquery()
     newest = (select_rows(m.id, m.role, m.content, m.status, m.model, m.finish_reason, m.usage, m.reasoning_content,
                           m.created_at)
               .where(m.conversation_id == bindparam("conversation_id"), owned)
               .order_by(m.created_at.desc(), m.id.desc()).limit(bindparam("limit")))
     # A row-value comparison, so both databases start the index scan at the anchor instead of walking to it.
     before = newest.where(tuple_(m.created_at, m.id) < tuple_(moment, bindparam("before")))
-    return newest, before, select_rows(owned.label("conversation"), anchored.label("anchor"))
+    return newest, before, select_rows(owned.label("conversation"), exists().where(*is_anchor).label("anchor"))
 
 
 _HISTORY_NEWEST, _HISTORY_BEFORE, _HISTORY_FOUND = _history_statements()
