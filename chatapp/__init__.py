@@ -170,10 +170,17 @@ def register_tokens(app: Flask) -> None:
 
 
 def register_request_rules(app: Flask) -> None:
-    from chatapp.http import NoCookieSessions, check_json_body, security_headers, without_a_transaction
+    from chatapp.http import (
+        NoCookieSessions,
+        check_json_body,
+        check_text_params,
+        security_headers,
+        without_a_transaction,
+    )
 
     app.session_interface = NoCookieSessions()
     app.before_request(check_json_body)
+    app.before_request(check_text_params)
     if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         # (SQLite's driver begins no transaction for reads, and switching its isolation level back runs a PRAGMA
         # that expires every statement prepared on the connection: see chat._single_write.)

@@ -21,7 +21,7 @@ chatapp: user accounts, per-user OpenAI-compatible model endpoints, conversation
 * `POST /chat/send` answers `text/event-stream` with the events `message.created`, `reasoning.delta`,
   `content.delta`, `error` and `message.completed` (always last, exactly once).
 * Beyond the contract: non-JSON bodies are 415, a JSON body that is not an object is 400 `body_not_object`,
-  NUL or unpaired surrogates in strings are 422; extra codes `model_config_key_unreadable` (422),
+  NUL or unpaired surrogates in strings (body or query) are 422, in a path id 404; extra codes `model_config_key_unreadable` (422),
   `too_many_streams` (429), `object_exists` (409), `not_an_image` (415), `storage_full` (507),
   `database_unavailable` and `database_busy` (503), and the stream error `stream_timeout`. A reply cut by a shutdown is
   `incomplete` / `cancelled`. See the README's "Choices where the contract is silent".

@@ -6,7 +6,7 @@ from flask import request
 from flask.sessions import SessionInterface
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from chatapp.errors import ApiError
+from chatapp.errors import ApiError, NotFound
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
@@ -72,6 +72,20 @@ def check_json_body():
         if not (_storable(field) and _storable(value)):
             raise ApiError("validation_error", "Some fields are invalid.", status=422, details={
                 field if _storable(field) else "_schema": ["Text may not contain NUL or unpaired surrogates."]})
+
+
+def check_text_params():
+    """Path and query values reach the database as text, where NUL or an unpaired surrogate fails the
+    statement on PostgreSQL. No id holds one, so such a path id names nothing (404 with the resource's code,
+    as for any unknown id), and such a query value is invalid (422, as in a body)."""
+    for name, value in (request.view_args or {}).items():
+        if name.endswith("_id") and not _storable(value):
+            raise NotFound.of(name.removesuffix("_id"))
+    bad = {name if _storable(name) else "_schema" for name, value in request.args.items(multi=True)
+           if not (_storable(name) and _storable(value))}
+    if bad:
+        raise ApiError("validation_error", "Some fields are invalid.", status=422,
+                       details={name: ["Text may not contain NUL or unpaired surrogates."] for name in sorted(bad)})
 
 
 def _storable(value) -> bool:

@@ -403,6 +403,16 @@ def test_history_pages_through_messages_of_one_moment(app, api, alice):
     assert history(api, alice, conversation_id, **query) == {"items": [], "has_more": False}  # before the oldest
 
 
+def test_history_with_nul_in_its_path_or_query_is_a_clear_error(api, alice):
+    # PostgreSQL refuses NUL in text: these were 500s there (found by schemathesis).
+    conversation_id = create_conversation(api, alice)["id"]
+    assert_error(api.get("chat/a%00b", token=alice.access), 404, "conversation_not_found")
+    body = assert_error(api.get(f"chat/{conversation_id}?before=a%00b", token=alice.access), 422, "validation_error")
+    assert set(body["details"]) == {"before"}
+    body = assert_error(api.get("conversation?cursor=%00", token=alice.access), 422, "validation_error")
+    assert set(body["details"]) == {"cursor"}
+
+
 @pytest.mark.parametrize("limit", ["0", "501", "x"])
 def test_history_limit_out_of_range(api, alice, limit):
     conversation_id = create_conversation(api, alice)["id"]
