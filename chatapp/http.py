@@ -68,10 +68,7 @@ def check_json_body():
         if raw:  # a list, a number, a string or null
             raise ApiError("body_not_object", "The body must be a JSON object.", status=400)
         return
-    for field, value in body.items():
-        if not (_storable(field) and _storable(value)):
-            raise ApiError("validation_error", "Some fields are invalid.", status=422, details={
-                field if _storable(field) else "_schema": ["Text may not contain NUL or unpaired surrogates."]})
+    _refuse_unstorable(body.items())
 
 
 def check_text_params():
@@ -81,11 +78,15 @@ def check_text_params():
     for name, value in (request.view_args or {}).items():
         if name.endswith("_id") and not _storable(value):
             raise NotFound.of(name.removesuffix("_id"))
-    bad = {name if _storable(name) else "_schema" for name, value in request.args.items(multi=True)
-           if not (_storable(name) and _storable(value))}
-    if bad:
-        raise ApiError("validation_error", "Some fields are invalid.", status=422,
-                       details={name: ["Text may not contain NUL or unpaired surrogates."] for name in sorted(bad)})
+    _refuse_unstorable(request.args.items(multi=True))
+
+
+def _refuse_unstorable(fields) -> None:
+    """422 naming the first (name, value) pair whose name or value is not storable text."""
+    for name, value in fields:
+        if not (_storable(name) and _storable(value)):
+            raise ApiError("validation_error", "Some fields are invalid.", status=422, details={
+                name if _storable(name) else "_schema": ["Text may not contain NUL or unpaired surrogates."]})
 
 
 def _storable(value) -> bool:
