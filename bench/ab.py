@@ -32,15 +32,6 @@ FIGURES = (  # key, label, format
 )
 
 
-def database_url(bench: Bench, name: str, kind: str) -> str:
-    if kind == "sqlite":
-        return f"sqlite:///{bench.workdir / (name + '.sqlite3')}"
-    url, why = bench.create_pg_database()
-    if url is None:
-        raise run.BenchError(why)
-    return url
-
-
 def phase(bench: Bench, side: Chatapp, model: str, concurrency: int, rounds: int, chunks: int) -> dict:
     result = bench.measured(side, stream_load(side, model, concurrency, rounds, chunks, 120), 300)
     if not result.get("ok") or result.get("errors"):
@@ -77,7 +68,7 @@ def main() -> int:
         sides, memory = [], {}
         per_side = rounds * (cfg["c50"] * 2 + 1) + 10  # each phase takes a conversation per concurrent stream
         for name, root in (("base", checkout), ("this", ROOT)):
-            side = Chatapp(name, name, database_url(bench, name, args.database), bench.procs, bench.workdir,
+            side = Chatapp(name, name, bench.database_url(name, args.database), bench.procs, bench.workdir,
                            bench.upstream, root=root)
             side.start()
             bench.settle([side.pid], 10)

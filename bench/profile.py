@@ -34,20 +34,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import run
-from run import RESULTS, VENV_BIN, Bench, Chatapp, process_tree, stream_load, tree_cpu_split
+from run import RESULTS, VENV_BIN, Bench, Chatapp, crud_load, process_tree, stream_load, tree_cpu_split
 
 LOADS = {  # name: (what one unit is, the load's spec for a system, given run.FULL or run.SMOKE and the upstream)
     "stream": ("chunk", lambda side, cfg, up: stream_load(side, "bench", cfg["c50"], 1, up["chunks"], 120)),
     "reply": ("reply", lambda side, cfg, up: stream_load(side, "bench-short", cfg["c50"], 1, 1, 120)),
-    "list": ("request", lambda side, cfg, up: crud_load(side, "list", cfg)),
-    "history": ("request", lambda side, cfg, up: crud_load(side, "history", cfg)),
+    "list": ("request", lambda side, cfg, up: crud_load(side, side.crud_requests()["list"], cfg)),
+    "history": ("request", lambda side, cfg, up: crud_load(side, side.crud_requests()["history"], cfg)),
 }
 _LINE = re.compile(r":\d+\)$")  # "function (file:line)" -> one entry per function, whatever the line
-
-
-def crud_load(side: Chatapp, name: str, cfg: dict) -> dict:
-    return {"mode": "http", "port": side.port, "requests": side.crud_requests()[name],
-            "concurrency": cfg["crud_concurrency"], "duration": cfg["crud_seconds"]}
 
 
 def units(result: dict) -> int:
@@ -109,13 +104,8 @@ def main() -> int:
     failed = True
     try:
         bench.upstream = run.Upstream(bench.procs, bench.workdir, bench.up)
-        if args.database == "sqlite":
-            url = f"sqlite:///{bench.workdir / 'profile.sqlite3'}"
-        else:
-            url, why = bench.create_pg_database()
-            if url is None:
-                raise run.BenchError(why)
-        side = Chatapp("chatapp", "chatapp", url, bench.procs, bench.workdir, bench.upstream)
+        side = Chatapp("chatapp", "chatapp", bench.database_url("chatapp", args.database), bench.procs,
+                       bench.workdir, bench.upstream)
         side.start()
         side.setup(60 if args.smoke else 1000, 10 if args.smoke else 1000)  # 1,000 messages: the history load
         bench.systems = [side]

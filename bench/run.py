@@ -667,6 +667,15 @@ class Bench:
         self.pg_databases.append(name)
         return f"postgresql+psycopg://postgres@{HOST}:5432/{name}", ""
 
+    def database_url(self, name: str, kind: str) -> str:
+        """A fresh database for one chatapp: an SQLite file in the run's folder, or a new PostgreSQL database."""
+        if kind == "sqlite":
+            return f"sqlite:///{self.workdir / (name + '.sqlite3')}"
+        url, why = self.create_pg_database()
+        if url is None:
+            raise BenchError(why)
+        return url
+
     def drop_pg_databases(self) -> None:
         while self.pg_databases:
             name = self.pg_databases.pop()
@@ -765,9 +774,7 @@ class Bench:
             requests = system.crud_requests()
             out = self.report["crud"].setdefault(system.name, {})
             for name in ("list", "history", "login"):
-                spec = {"mode": "http", "port": system.port, "requests": requests[name],
-                        "concurrency": cfg["crud_concurrency"], "duration": cfg["crud_seconds"]}
-                out[name] = self.measured(system, spec, cfg["crud_seconds"] + 60)
+                out[name] = self.measured(system, crud_load(system, requests[name], cfg), cfg["crud_seconds"] + 60)
                 log(f"crud      {system.name:15} {name:8} {brief(out[name])}")
             spec = {"mode": "http", "port": system.port, "requests": requests["list"], "rate": cfg["open_rate"],
                     "duration": cfg["open_seconds"], "timeout": 10}
@@ -903,6 +910,12 @@ def stream_load(system: System, model: str, concurrency: int, rounds: int, chunk
     """The load generator's `stream` mode against `system`: `concurrency` streams at once, `rounds` times over."""
     return {**system.stream_spec(model, concurrency), "mode": "stream", "concurrency": concurrency, "rounds": rounds,
             "chunks": chunks, "max_seconds": max_seconds}
+
+
+def crud_load(system: System, requests: list[str], cfg: dict) -> dict:
+    """The load generator's closed-loop `http` mode: the CRUD phases' concurrency, for their duration."""
+    return {"mode": "http", "port": system.port, "requests": requests, "concurrency": cfg["crud_concurrency"],
+            "duration": cfg["crud_seconds"]}
 
 
 # ------------------------------------------------------------------ reporting
